@@ -1,0 +1,239 @@
+"""What the three conv kernels share: shapes, the weight layout, the hook API, and the
+implicit-GEMM engine used by conv forward and conv backward-data.
+
+Layouts. Activations NHWC float32. Conv weights OHWI: w[oc, kh, kw, ic] (oneDNN "ohwi"), the
+layout conv backward-weights produces natively (a row of dW per output channel);
+`to_ohwi` / `from_ohwi` convert from / to the [O, I, KH, KW] layout of `reference.py`.
+
+Implicit GEMM. A conv is a GEMM whose A operand is never materialized (im2col): a row of A is
+one destination pixel, a column one (tap, source channel), tap = (kh, kw):
+
+    dst[pix(n, i, j), d] = sum_{t, c} src[n, ss*i + ty[t], ss*j + tx[t], c] * B[t*CS + c, d]
+
+over the grid 0 <= i < GH, 0 <= j < GW with pix(n, i, j) = (n, dy0 + ds*i, dx0 + ds*j), and
+zero where the source pixel falls in the padding. Forward is the grid of output pixels with
+ss = stride, ty = kh - pad; backward-data is one such GEMM per stride phase (conv_bwd_data).
+`igemm` packs row blocks of A (applying the prologue on the way) into row-major MR-row panels
+and runs the gemm.py micro-kernel against B packed in NR-wide panels.
+
+Hooks, specialized in at compile time by the `make_*` factories (one new @njit kernel per
+hook combination, memoized; identity hooks by default):
+
+    prologue(v, idx, c, args) -> float32
+        applied to every source element the kernel loads: v = src.flat[idx], c its channel
+        (idx and c are uint64, so array indexing by them needs no wraparound and vectorizes).
+        Padding is zero *after* the prologue (it pads the transformed tensor).
+    epilogue(dst, rows, mr, c0, nc, tid, args)
+        called once per finished MR x NR output tile, while it is in L1: dst is the 4-D
+        output, rows[0:mr] the flat pixel indices of its rows, channels c0 .. c0+nc-1.
+        tid in [0, ntasks) is the task running it: reductions go to partials[tid, ...].
+`args` are tuples the kernels pass through untouched (use () for none). Hooked kernels take a
+last argument `ntasks`, the number of parallel tasks (pass numba.get_num_threads()); per-task
+partials have leading dimension ntasks. Two real hooks are here: `bn_relu_prologue`
+(args = (a, b): max(a[c]*v + b[c], 0)) and `channel_sums_epilogue` (args = (s1, s2), float64
+[ntasks, C]: per-task sum and sum of squares of the output).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from numba import njit, prange
+from numba.core.dispatcher import Dispatcher
+
+from kernels.gemm import KC, MC, MR, NR, tile
+
+# --- shapes and weights ------------------------------------------------------------------
+
+
+def out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def to_ohwi(w_oihw: np.ndarray) -> np.ndarray:
+    """[O, I, KH, KW] -> contiguous float32 [O, KH, KW, I]."""
+    return np.ascontiguousarray(np.transpose(w_oihw, (0, 2, 3, 1)), dtype=np.float32)
+
+
+def from_ohwi(w_ohwi: np.ndarray) -> np.ndarray:
+    """[O, KH, KW, I] -> [O, I, KH, KW] (a view)."""
+    return np.transpose(w_ohwi, (0, 3, 1, 2))
+
+
+def conv_flops(mb, ic, oh, ow, oc, kh, kw) -> int:
+    """One multiply-add counted as 2 FLOPs; the same count for all three directions."""
+    return 2 * mb * oh * ow * oc * ic * kh * kw
+
+
+# --- hooks -------------------------------------------------------------------------------
+
+
+@njit(inline="always", cache=True)
+def identity_prologue(v, idx, c, args):
+    return v
+
+
+@njit(inline="always", cache=True)
+def identity_epilogue(dst, rows, mr, c0, nc, tid, args):
+    return
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def bn_relu_prologue(v, idx, c, args):
+    """z = max(a[c] * x + b[c], 0): BN normalize + ReLU applied as the conv loads x."""
+    return max(args[0][c] * v + args[1][c], np.float32(0.0))
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def channel_sums_epilogue(dst, rows, mr, c0, nc, tid, args):
+    """Per-channel float64 sum and sum of squares of the output tile into args[0/1][tid, c]."""
+    C = dst.shape[3]
+    s1, s2 = args
+    for j in range(nc):
+        a1 = 0.0
+        a2 = 0.0
+        for r in range(mr):
+            v = np.float64(dst.flat[rows[r] * C + c0 + j])
+            a1 += v
+            a2 += v * v
+        s1[tid, c0 + j] += a1
+        s2[tid, c0 + j] += a2
+
+
+def stable(hook):
+    """Give a hook dispatcher a deterministic pickling identity (module, name, bytecode) so the
+    kernels closing over it hit Numba's on-disk cache in a new process: Numba keys a cached
+    closure by pickling its cell contents, and a dispatcher pickles as a random uuid. A hook
+    that is itself a closure keeps its random uuid: correct, only recompiled in every process.
+    Factory kernels therefore close over hooks only, never over other factory kernels."""
+    f = hook.py_func
+    if hook._MemoMixin__uuid is None and f.__closure__ is None:
+        h = hashlib.sha256(f.__code__.co_code + repr(f.__code__.co_consts).encode())
+        hook._set_uuid(f"bnff:{f.__module__}.{f.__qualname__}:{h.hexdigest()[:20]}")
+    return hook
+
+
+# --- the implicit-GEMM engine --------------------------------------------------------------
+
+
+@njit(cache=True)
+def row_step(m, t):
+    """Rows per block: at most about MC, a multiple of MR, and a multiple of t blocks (when
+    there are enough rows) so t tasks get equal work."""
+    nb = (m + MC - 1) // MC
+    nb = (nb + t - 1) // t * t
+    return max(MR, ((m + nb - 1) // nb + MR - 1) // MR * MR)
+
+
+@njit(cache=True)
+def tap_groups(ty, tx):
+    """Split taps into groups of consecutive taps with equal ty and tx increasing by one, so
+    that a group reads one contiguous run of an NHWC row: (first tap, length, ty, first tx)."""
+    gt = [0]
+    for t in range(1, ty.shape[0]):
+        if ty[t] != ty[t - 1] or tx[t] != tx[t - 1] + 1:
+            gt.append(t)
+    ng = len(gt)
+    first = np.array(gt, np.int64)
+    length = np.empty(ng, np.int64)
+    for g in range(ng):
+        length[g] = (first[g + 1] if g + 1 < ng else ty.shape[0]) - first[g]
+    return first, length, ty[first], tx[first]
+
+
+@njit(parallel=True, cache=True)
+def pack_b_rows(b, bp):
+    """B^T given as b[d, k] (row d = one destination channel) -> bp[d // NR, k, d % NR]."""
+    nd, k = b.shape
+    for jp in prange(bp.shape[0]):
+        for p in range(k):
+            for j in range(NR):
+                d = jp * NR + j
+                bp[jp, p, j] = b[d, p] if d < nd else 0.0
+
+
+_igemm_cache: dict = {}
+
+
+def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
+    """The implicit-GEMM kernel with `prologue` / `epilogue` compiled in (memoized)."""
+    key = (prologue, epilogue)
+    if key in _igemm_cache:
+        return _igemm_cache[key]
+    stable(prologue)
+    stable(epilogue)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def igemm(src, dst, bp, ss, gt, gl, gy, gx, gh, gw, dy0, dx0, ds, pro_args, epi_args, nt):
+        """dst[pix(n,i,j), :] = sum_{t,c} src[n, ss*i+ty[t], ss*j+tx[t], c] * B[t*CS+c, :], the
+        taps given as groups g of gl[g] taps from tap gt[g] at (gy[g], gx[g] + 0, 1, ...)."""
+        _, SH, SW, CS = src.shape
+        src1 = src.reshape(src.size)
+        nb_, DH, DW, CD = dst.shape
+        K = bp.shape[1]
+        npan = bp.shape[0]
+        m = nb_ * gh * gw
+        step = row_step(m, nt)
+        nblocks = (m + step - 1) // step
+        for tid in prange(nt):
+            ap = np.empty(step * KC + MR * KC, np.float32)
+            rn = np.empty(step, np.int64)
+            ri = np.empty(step, np.int64)
+            rj = np.empty(step, np.int64)
+            rows = np.empty(MR, np.int64)
+            scratch = np.empty(MR * NR, np.float32)
+            for blk in range(tid, nblocks, nt):
+                r0 = blk * step
+                mc = min(step, m - r0)
+                for r in range(mc):
+                    q = (r0 + r) // gw
+                    rj[r] = r0 + r - q * gw
+                    rn[r] = q // gh
+                    ri[r] = q - rn[r] * gh
+                for p0 in range(0, max(K, 1), KC):
+                    kc = min(KC, K - p0)
+                    last = p0 + KC >= K
+                    # pack rows r0 .. r0+mc, columns p0 .. p0+kc of A into ap[r * kc + p]: per
+                    # tap group, one contiguous source run, zeros where it leaves the image
+                    for r in range(mc):
+                        o = r * kc - p0
+                        for g in range(gy.shape[0]):
+                            k0 = gt[g] * CS
+                            ka = max(k0, p0)
+                            kb = min(k0 + gl[g] * CS, p0 + kc)
+                            if ka >= kb:
+                                continue
+                            y = ss * ri[r] + gy[g]
+                            xs = ss * rj[r] + gx[g]
+                            va = max(ka, k0 - xs * CS)
+                            vb = min(kb, k0 + (SW - xs) * CS)
+                            if y < 0 or y >= SH or va >= vb:
+                                ap[o + ka:o + kb] = 0.0
+                                continue
+                            ap[o + ka:o + va] = 0.0
+                            ap[o + vb:o + kb] = 0.0
+                            base = ((rn[r] * SH + y) * SW + xs) * CS - k0
+                            k = va
+                            while k < vb:  # one source pixel at a time, for the channel c
+                                c = (k - k0) % CS
+                                e = min(vb, k + CS - c)
+                                for q in range(e - k):  # unsigned indices: no wraparound, SIMD
+                                    i = np.uint64(base + k + q)
+                                    ap[np.uint64(o + k + q)] = prologue(src1[i], i,
+                                                                       np.uint64(c + q), pro_args)
+                                k = e
+                    ap[mc * kc:(mc + MR - 1) // MR * MR * kc] = 0.0
+                    for jp in range(npan):
+                        nr = min(NR, CD - jp * NR)
+                        for ir in range(0, mc, MR):
+                            mr = min(MR, mc - ir)
+                            for i in range(MR):
+                                r = ir + min(i, mr - 1)
+                                rows[i] = (rn[r] * DH + dy0 + ds * ri[r]) * DW + dx0 + ds * rj[r]
+                            tile(kc, ap, ir * kc, kc, 1, bp, (jp * K + p0) * NR, dst, rows, mr,
+                                 jp * NR, CD, nr, p0 > 0, scratch)
+                            if last:
+                                epilogue(dst, rows, mr, jp * NR, nr, tid, epi_args)
+
+    _igemm_cache[key] = igemm
+    return igemm
