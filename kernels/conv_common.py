@@ -129,6 +129,8 @@ def row_step(m, t):
 def tap_groups(ty, tx):
     """Split taps into groups of consecutive taps with equal ty and tx increasing by one, so
     that a group reads one contiguous run of an NHWC row: (first tap, length, ty, first tx)."""
+    if ty.shape[0] == 0:
+        return ty.copy(), ty.copy(), ty.copy(), ty.copy()
     gt = [0]
     for t in range(1, ty.shape[0]):
         if ty[t] != ty[t - 1] or tx[t] != tx[t - 1] + 1:
