@@ -16,8 +16,9 @@ ss = stride, ty = kh - pad; backward-data is one such GEMM per stride phase (con
 `igemm` packs row blocks of A (applying the prologue on the way) into row-major MR-row panels
 and runs the gemm.py micro-kernel against B packed in NR-wide panels.
 
-Hooks, specialized in at compile time by the `make_*` factories (one new @njit kernel per
-hook combination, memoized; identity hooks by default):
+Hooks, specialized in at compile time: the `make_*` factories return a plain function (pack
+weights, then call an @njit engine that closes over the hooks and is compiled once per hook
+combination, memoized and cached on disk); identity hooks by default. Hook signatures:
 
     prologue(v, idx, c, args) -> float32
         applied to every source element the kernel loads: v = src.flat[idx], c its channel
@@ -28,9 +29,10 @@ hook combination, memoized; identity hooks by default):
         output, rows[0:mr] the flat pixel indices of its rows, channels c0 .. c0+nc-1.
         tid in [0, ntasks) is the task running it: reductions go to partials[tid, ...].
 `args` are tuples the kernels pass through untouched (use () for none). Hooked kernels take a
-last argument `ntasks`, the number of parallel tasks (pass numba.get_num_threads()); per-task
-partials have leading dimension ntasks. Two real hooks are here: `bn_relu_prologue`
-(args = (a, b): max(a[c]*v + b[c], 0)) and `channel_sums_epilogue` (args = (s1, s2), float64
+last argument `ntasks`, the number of parallel tasks (default numba.get_num_threads()); per-task
+partials have leading dimension ntasks. Real hooks here: `bn_relu_prologue` (args = (a, b):
+max(a[c]*v + b[c], 0)), `bn_grad_prologue` (args = (x flat, a, p, q): a[c]*v + p[c]*x[idx] +
+q[c], reading a second tensor) and `channel_sums_epilogue` (args = (s1, s2), float64
 [ntasks, C]: per-task sum and sum of squares of the output).
 """
 from __future__ import annotations
@@ -39,7 +41,6 @@ import hashlib
 
 import numpy as np
 from numba import njit, prange
-from numba.core.dispatcher import Dispatcher
 
 from kernels.gemm import KC, MC, MR, NR, tile
 
@@ -82,6 +83,14 @@ def identity_epilogue(dst, rows, mr, c0, nc, tid, args):
 def bn_relu_prologue(v, idx, c, args):
     """z = max(a[c] * x + b[c], 0): BN normalize + ReLU applied as the conv loads x."""
     return max(args[0][c] * v + args[1][c], np.float32(0.0))
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def bn_grad_prologue(v, idx, c, args):
+    """dx = a[c] * dy + p[c] * x + q[c]: the BN input gradient formed as the conv loads dy;
+    args = (x, a, p, q) with x flat (x.reshape(-1)), same shape as dy."""
+    x, a, p, q = args
+    return a[c] * v + p[c] * x[idx] + q[c]
 
 
 @njit(inline="always", cache=True, fastmath=True)
