@@ -12,6 +12,8 @@ from suites.graph import GraphError
 COMMANDS = [
     "harness.show",
     "harness.check",
+    "harness.roofline",
+    "harness.micro",
 ]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference as ref
-from kernels.bn_stats import BLOCKS, TILE_ROWS, block_rows
+from kernels.bn_stats import BLOCKS, TILE_ROWS, block_rows, merge_blocks
 from kernels.stage import F32, Cost, Stage
 
 
@@ -30,7 +30,7 @@ from kernels.stage import F32, Cost, Stage
 def _sum_rows(DY, out):
     """out[c] = sum_r DY[r, c] (float64)."""
     m, c = DY.shape
-    part = np.zeros((BLOCKS, c))
+    part = np.empty((BLOCKS, c))
     for blk in prange(BLOCKS):
         r0, r1 = block_rows(blk, BLOCKS, m)
         acc = np.zeros(c)
@@ -43,15 +43,14 @@ def _sum_rows(DY, out):
             for j in range(c):
                 acc[j] += t[j]
         part[blk] = acc
-    for j in range(c):
-        out[j] = part[:, j].sum()
+    merge_blocks(part, 1.0, out)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _sum_centered_products(DY, X, mean, out):
     """out[c] = sum_r DY[r, c] * (X[r, c] - mean[c]) (float64)."""
     m, c = DY.shape
-    part = np.zeros((BLOCKS, c))
+    part = np.empty((BLOCKS, c))
     for blk in prange(BLOCKS):
         r0, r1 = block_rows(blk, BLOCKS, m)
         acc = np.zeros(c)
@@ -64,8 +63,7 @@ def _sum_centered_products(DY, X, mean, out):
             for j in range(c):
                 acc[j] += t[j]
         part[blk] = acc
-    for j in range(c):
-        out[j] = part[:, j].sum()
+    merge_blocks(part, 1.0, out)
 
 
 # Separate reductions: a framework's dbeta and dgamma kernels, dy streamed twice.
@@ -83,8 +81,8 @@ def reduce_separate(DY, X, mean, var, eps, dgamma, dbeta):
 def reduce_fused(DY, X, mean, var, eps, dgamma, dbeta):
     """dbeta and dgamma accumulated together: dy and x are each read once."""
     m, c = DY.shape
-    p1 = np.zeros((BLOCKS, c))
-    p2 = np.zeros((BLOCKS, c))
+    p1 = np.empty((BLOCKS, c))
+    p2 = np.empty((BLOCKS, c))
     for blk in prange(BLOCKS):
         r0, r1 = block_rows(blk, BLOCKS, m)
         a1 = np.zeros(c)
@@ -104,9 +102,13 @@ def reduce_fused(DY, X, mean, var, eps, dgamma, dbeta):
                 a2[j] += t2[j]
         p1[blk] = a1
         p2[blk] = a2
+    s1 = np.empty(c)
+    s2 = np.empty(c)
+    merge_blocks(p1, 1.0, s1)
+    merge_blocks(p2, 1.0, s2)
     for j in range(c):
-        dbeta[j] = p1[:, j].sum()
-        dgamma[j] = p2[:, j].sum() / np.sqrt(np.float64(var[j]) + eps)
+        dbeta[j] = s1[j]
+        dgamma[j] = s2[j] / np.sqrt(np.float64(var[j]) + eps)
 
 
 # Naive dx: the textbook formula, xh formed per element.
@@ -114,9 +116,13 @@ def reduce_fused(DY, X, mean, var, eps, dgamma, dbeta):
 def dx_naive(DY, X, mean, var, gamma, eps, dgamma, dbeta, DX):
     """dx = gamma*inv * (dy - dbeta/m - xh * dgamma/m) with xh = (x - mean) * inv per element."""
     m, c = DY.shape
-    inv = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(np.float32)
-    db = (dbeta / m).astype(np.float32)
-    dg = (dgamma / m).astype(np.float32)
+    inv = np.empty(c, np.float32)
+    db = np.empty(c, np.float32)
+    dg = np.empty(c, np.float32)
+    for j in range(c):
+        inv[j] = 1.0 / np.sqrt(np.float64(var[j]) + eps)
+        db[j] = dbeta[j] / m
+        dg[j] = dgamma[j] / m
     for blk in prange(BLOCKS):
         r0, r1 = block_rows(blk, BLOCKS, m)
         for r in range(r0, r1):

@@ -1,9 +1,12 @@
 """BN normalize (sub-BN2): y = gamma * (x - mean) * inv + beta on an NHWC tensor.
 
-Per channel c, with inv = 1 / sqrt(var + eps), the affine form folds everything into two
-per-channel numbers:
+Per channel c, with inv = 1 / sqrt(var + eps), the affine form folds the scale into one
+per-channel number:
 
-    a[c] = gamma[c] * inv[c],   b[c] = beta[c] - mean[c] * a[c],   y = a[c] * x + b[c]
+    a[c] = gamma[c] * inv[c],   y = a[c] * (x - mean[c]) + beta[c]
+
+(BNFF writes y = a*x + b with b = beta - mean*a; centering first costs one subtraction and
+avoids the float32 cancellation of a*x against b when |mean| >> std or var ~ 0.)
 
 On the [M, C] view (M = N*H*W) each variant reads x once and writes y once; the per-channel
 prologue is O(C). Rows are split into BLOCKS contiguous blocks, one prange iteration each,
@@ -12,7 +15,6 @@ vectorized along C.
 Kernels (X, Y are [M, C] float32 views; vectors are float32 [C]):
     normalize_naive(X, mean, var, gamma, beta, eps, Y)
     normalize_affine(X, mean, var, gamma, beta, eps, Y)
-    bn_affine(mean, var, gamma, beta, eps, a, b)      the per-channel a, b (a, b written)
 """
 from __future__ import annotations
 
@@ -24,21 +26,14 @@ from kernels.bn_stats import BLOCKS, block_rows
 from kernels.stage import F32, Cost, Stage
 
 
-@njit(fastmath=True, cache=True)
-def bn_affine(mean, var, gamma, beta, eps, a, b):
-    """a = gamma / sqrt(var + eps), b = beta - mean * a, in float64 then rounded."""
-    for j in range(mean.size):
-        aj = gamma[j] / np.sqrt(np.float64(var[j]) + eps)
-        a[j] = aj
-        b[j] = beta[j] - mean[j] * aj
-
-
 # 1. naive: the textbook formula per element.
 @njit(parallel=True, fastmath=True, cache=True)
 def normalize_naive(X, mean, var, gamma, beta, eps, Y):
     """Per element gamma * ((x - mean) * inv) + beta: 4 flops, the layer as written."""
     m, c = X.shape
-    inv = (1.0 / np.sqrt(var.astype(np.float64) + eps)).astype(np.float32)
+    inv = np.empty(c, np.float32)
+    for j in range(c):
+        inv[j] = 1.0 / np.sqrt(np.float64(var[j]) + eps)
     for blk in prange(BLOCKS):
         r0, r1 = block_rows(blk, BLOCKS, m)
         for r in range(r0, r1):
@@ -46,19 +41,19 @@ def normalize_naive(X, mean, var, gamma, beta, eps, Y):
                 Y[r, j] = gamma[j] * ((X[r, j] - mean[j]) * inv[j]) + beta[j]
 
 
-# 2. affine: one FMA per element with per-channel a, b.
+# 2. affine: a subtraction and one FMA per element with a per-channel scale.
 @njit(parallel=True, fastmath=True, cache=True)
 def normalize_affine(X, mean, var, gamma, beta, eps, Y):
-    """y = a * x + b with a, b folded per channel first: one FMA per element."""
+    """y = a * (x - mean) + beta with a = gamma * inv folded per channel first."""
     m, c = X.shape
     a = np.empty(c, np.float32)
-    b = np.empty(c, np.float32)
-    bn_affine(mean, var, gamma, beta, eps, a, b)
+    for j in range(c):
+        a[j] = gamma[j] / np.sqrt(np.float64(var[j]) + eps)
     for blk in prange(BLOCKS):
         r0, r1 = block_rows(blk, BLOCKS, m)
         for r in range(r0, r1):
             for j in range(c):
-                Y[r, j] = a[j] * X[r, j] + b[j]
+                Y[r, j] = a[j] * (X[r, j] - mean[j]) + beta[j]
 
 
 class BNNormalize(Stage):
@@ -103,6 +98,6 @@ class BNNormalize(Stage):
 
     def cost(self, variant):
         m, c = self._size()
-        flops = (4 if variant == "naive" else 2) * m * c
+        flops = (4 if variant == "naive" else 3) * m * c
         return Cost(flops=flops, bytes_read=m * c * F32 + 4 * c * F32,
                     bytes_written=m * c * F32)

@@ -39,13 +39,24 @@ def block_rows(b, nb, m):
     return b * m // nb, (b + 1) * m // nb
 
 
+@njit(cache=True)
+def merge_blocks(part, scale, out):
+    """out[j] = scale * sum_b part[b, j]. A separate serial function: inside parallel=True every
+    array expression becomes its own parallel region, a thread wake-up per channel."""
+    for j in range(part.shape[1]):
+        s = 0.0
+        for b in range(part.shape[0]):
+            s += part[b, j]
+        out[j] = s * scale
+
+
 # 1. two-pass: reads X twice; pass 1 sums x, pass 2 sums (x - mean)^2.
 @njit(parallel=True, fastmath=True, cache=True)
 def stats_two_pass(X, mean, var):
     """Two passes over X: the textbook mean, then the centered sum of squares."""
     m, c = X.shape
     nb = BLOCKS
-    part = np.zeros((nb, c))
+    part = np.empty((nb, c))
     for b in prange(nb):
         r0, r1 = block_rows(b, nb, m)
         acc = np.zeros(c)
@@ -58,8 +69,11 @@ def stats_two_pass(X, mean, var):
             for j in range(c):
                 acc[j] += t[j]
         part[b] = acc
-    mu = part.sum(axis=0) / m
-    mu32 = mu.astype(np.float32)
+    mu = np.empty(c)
+    merge_blocks(part, 1.0 / m, mu)
+    mu32 = np.empty(c, np.float32)
+    for j in range(c):
+        mu32[j] = mu[j]
     for b in prange(nb):
         r0, r1 = block_rows(b, nb, m)
         acc = np.zeros(c)
@@ -73,11 +87,12 @@ def stats_two_pass(X, mean, var):
             for j in range(c):
                 acc[j] += t[j]
         part[b] = acc
-    # the float32 rounding of the mean shifts the centered sum by M*(mu - mu32)^2
-    for j in range(c):
+    sq = np.empty(c)
+    merge_blocks(part, 1.0 / m, sq)
+    for j in range(c):  # the float32 rounding of the mean adds (mu - mu32)^2 to the centered sum
         dm = mu[j] - mu32[j]
         mean[j] = mu[j]
-        var[j] = part[:, j].sum() / m - dm * dm
+        var[j] = sq[j] - dm * dm
 
 
 # 2. shifted one-pass: sums of d = x - K and d^2 with K = X[0] (close to the mean).
@@ -86,9 +101,11 @@ def stats_shifted(X, mean, var):
     """One pass over X: float32 tile sums of the data shifted by its first row, in float64."""
     m, c = X.shape
     nb = BLOCKS
-    k = X[0].copy()
-    p1 = np.zeros((nb, c))
-    p2 = np.zeros((nb, c))
+    k = np.empty(c, np.float32)
+    for j in range(c):
+        k[j] = X[0, j]
+    p1 = np.empty((nb, c))
+    p2 = np.empty((nb, c))
     for b in prange(nb):
         r0, r1 = block_rows(b, nb, m)
         a1 = np.zeros(c)
@@ -108,10 +125,13 @@ def stats_shifted(X, mean, var):
                 a2[j] += t2[j]
         p1[b] = a1
         p2[b] = a2
+    s1 = np.empty(c)
+    s2 = np.empty(c)
+    merge_blocks(p1, 1.0 / m, s1)
+    merge_blocks(p2, 1.0 / m, s2)
     for j in range(c):
-        d1 = p1[:, j].sum() / m
-        mean[j] = k[j] + d1
-        var[j] = p2[:, j].sum() / m - d1 * d1
+        mean[j] = k[j] + s1[j]
+        var[j] = s2[j] - s1[j] * s1[j]
 
 
 # 3. Chan one-pass: per tile (count, mean, M2) from the cache-resident tile, merged with Chan.
@@ -121,9 +141,9 @@ def stats_chan(X, mean, var):
     m, c = X.shape
     nb = BLOCKS
     rows = max(TILE_ROWS, 4096 // c)  # a tile of <= 16 KiB stays in L1 for its second read
-    pn = np.zeros(nb)
-    pm = np.zeros((nb, c))
-    pq = np.zeros((nb, c))
+    pn = np.empty(nb)
+    pm = np.empty((nb, c))
+    pq = np.empty((nb, c))
     for b in prange(nb):
         r0, r1 = block_rows(b, nb, m)
         bm = np.zeros(c)

@@ -11,6 +11,7 @@ producers straight into their slice of Y, as BNFF does, removes the stage altoge
 Kernels ([M, C_k] and [M, C] float32 views; outputs written):
     copy_into(X, Y, off)                Y[:, off:off+C_k] = X
     copy_out(Y, off, X)                 X = Y[:, off:off+C_k]
+    add_out(Y, off, X)                  X += Y[:, off:off+C_k]   (a gradient summed at a fork)
     concat_numpy(xs, Y)   concat_prange(xs, Y)       xs: list of [M, C_k]
     split_numpy(dY, dxs)  split_prange(dY, dxs)      dxs: list of [M, C_k]
 """
@@ -39,6 +40,15 @@ def copy_out(Y, off, X):
     for r in prange(m):
         for j in range(ck):
             X[r, j] = Y[r, off + j]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def add_out(Y, off, X):
+    """X += Y[:, off:off+C_k], parallel over rows."""
+    m, ck = X.shape
+    for r in prange(m):
+        for j in range(ck):
+            X[r, j] += Y[r, off + j]
 
 
 # 1. numpy: a framework-style strided slice assignment per input, one thread.

@@ -37,7 +37,10 @@ def softmax_xent(z, labels, loss, dz):
         for j in range(k):
             dz[i, j] = np.exp(np.float64(z[i, j]) - lse) / n
         dz[i, labels[i]] -= np.float32(1.0 / n)
-    loss[0] = rows.sum() / n
+    total = 0.0
+    for i in range(n):
+        total += rows[i]
+    loss[0] = total / n
 
 
 class SoftmaxCrossEntropy(Stage):

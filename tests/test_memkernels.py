@@ -107,3 +107,18 @@ def test_every_variant_has_a_docstring():
         for name, fn in cls.variants.items():
             doc = (fn.__doc__ or "").strip()
             assert doc and "\n" not in doc, f"{cls.name}/{name} needs a one-line docstring"
+
+
+def test_concat_slice_kernels():
+    from kernels.concat import add_out, copy_into, copy_out
+    rng = np.random.default_rng(2)
+    y = rng.standard_normal((10, 48), dtype=np.float32)
+    x = rng.standard_normal((10, 16), dtype=np.float32)
+    acc = x.copy()
+    add_out(y, 8, acc)
+    np.testing.assert_array_equal(acc, x + y[:, 8:24])
+    out = np.empty_like(x)
+    copy_out(y, 32, out)
+    np.testing.assert_array_equal(out, y[:, 32:])
+    copy_into(x, y, 0)
+    np.testing.assert_array_equal(y[:, :16], x)

@@ -1,0 +1,151 @@
+"""Contracts of `bnff roofline` and `bnff micro` at tiny sizes: CSV columns, one header per
+file on append, positive figures, clear errors. Speed is not tested here."""
+import argparse
+import csv
+
+import numpy as np
+import pytest
+
+from harness import micro, roofline
+from harness.args import UserError
+from harness.machine import machine_info
+from kernels.bn_stats import BNStats
+from suites import networks
+from suites.graph import GraphError
+
+TINY = ["--array-mib", "1", "--gemm-n", "64", "--reps", "1"]
+MACHINE = ["cpu_model", "cores", "l1d_bytes", "l2_bytes", "l3_bytes", "python", "numpy", "numba",
+           "threading_layer", "git_commit", "timestamp"]
+
+
+def bnff(argv):
+    """Parse and run like harness/cli.py does for these two commands: exit code, or 2 with a
+    one-line message for bad input."""
+    p = argparse.ArgumentParser(prog="bnff")
+    sub = p.add_subparsers(dest="command", required=True)
+    roofline.add_parser(sub)
+    micro.add_parser(sub)
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, GraphError) as e:
+        print(f"bnff {args.command}: error: {e}")
+        return 2
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_machine_info_has_the_columns():
+    m = machine_info()
+    for k in MACHINE:
+        assert m[k] not in ("", None), k
+    assert m["threading_layer"] in ("omp", "tbb", "workqueue")
+
+
+def test_roofline_csv_appends_under_one_header(tmp_path, capsys):
+    out = tmp_path / "roof.csv"
+    assert bnff(["roofline", "--threads", "1", "--csv", str(out)] + TINY) == 0
+    assert bnff(["roofline", "--threads", "1", "--csv", str(out)] + TINY) == 0
+    rows = read(out)
+    header = rows[0]
+    assert len(rows) == 3 and rows[1][0] != header[0] and rows[2][0] != header[0]
+    for k in roofline.FIGURES + MACHINE:
+        assert k in header, k
+    for r in rows[1:]:
+        d = dict(zip(header, r))
+        assert all(float(d[k]) > 0 for k in roofline.FIGURES)
+    assert "triad" in capsys.readouterr().out.lower()
+
+
+def test_roofline_refuses_a_csv_with_other_columns(tmp_path, capsys):
+    out = tmp_path / "other.csv"
+    out.write_text("a,b\n1,2\n")
+    assert bnff(["roofline", "--threads", "1", "--csv", str(out)] + TINY) == 2
+    assert "other columns" in capsys.readouterr().out
+
+
+def test_bad_thread_count_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bnff(["roofline", "--threads", "999"])
+    assert e.value.code == 2
+    assert "thread counts must be between 1 and" in capsys.readouterr().err
+
+
+def test_stages_of_is_deduplicated_and_counted():
+    g = networks.load("resnet50")
+    items = micro.stages_of(g, 2, 32)
+    keys = [(type(st), st.descriptor()) for st, _ in items]
+    assert len(keys) == len(set(keys))
+    names = {st.name for st, _ in items}
+    assert {"bn_stats", "bn_normalize", "bn_backward", "relu_fwd", "relu_bwd", "add",
+            "maxpool_fwd", "gap_fwd", "linear_fwd", "linear_bwd", "softmax_xent"} <= names
+    bn = sum(c for st, c in items if st.name == "bn_stats")
+    assert bn == sum(1 for n in g.nodes if n.op == "batchnorm")
+    relu = sum(c for st, c in items if st.name == "relu_fwd")
+    assert relu == sum(1 for n in g.nodes if n.op == "relu")
+
+
+def test_stages_of_densenet_concats():
+    g = networks.load("densenet121")
+    items = micro.stages_of(g, 2, 32)
+    cats = [st for st, _ in items if st.name == "concat_fwd"]
+    assert len(cats) == sum(1 for n in g.nodes if n.op == "concat")  # every one distinct
+    assert max(len(st.shape["ics"]) for st in cats) == 1 + 24  # block 3: input + 24 layers
+
+
+def test_micro_csv_rows_and_single_header(tmp_path, capsys):
+    out = tmp_path / "micro.csv"
+    argv = ["micro", "resnet50", "--batch", "2", "--image", "32", "--threads", "1",
+            "--stage", "bn_stats", "--reps", "1", "--min-time", "0", "--csv", str(out)] + TINY
+    assert bnff(argv) == 0
+    assert bnff(argv[:-2] + ["--variant", "default", "--csv", str(out)]) == 0
+    rows = read(out)
+    header = rows[0]
+    for k in micro.COLUMNS + MACHINE:
+        assert k in header, k
+    data = [dict(zip(header, r)) for r in rows[1:]]
+    assert all(r["stage"] == "bn_stats" for r in data)
+    n_shapes = sum(1 for st, _ in micro.stages_of(networks.load("resnet50"), 2, 32)
+                   if st.name == "bn_stats")
+    assert len(data) == n_shapes * (len(BNStats.variants) + 1)
+    for r in data:
+        assert float(r["median_s"]) > 0 and float(r["gbps"]) > 0 and float(r["bytes"]) > 0
+        assert float(r["pct_roofline"]) > 0 and r["bound"] in ("memory", "compute")
+        assert r["reproducer"].startswith("flock -x /tmp/bnff.lock bnff micro resnet50")
+        assert r["descriptor"] in r["reproducer"]
+    assert "bn_stats" in capsys.readouterr().out
+
+
+def test_micro_unknown_stage_and_variant_are_clear(capsys):
+    base = ["micro", "resnet50", "--batch", "2", "--image", "32", "--threads", "1"] + TINY
+    assert bnff(base + ["--stage", "nope"]) == 2
+    assert "unknown stage 'nope'" in capsys.readouterr().out
+    assert bnff(base + ["--stage", "bn_stats", "--variant", "nope"]) == 2
+    assert "has no variant 'nope'" in capsys.readouterr().out
+    assert bnff(["micro", "nosuchnet"] + TINY) == 2
+    assert "unknown network" in capsys.readouterr().out
+
+
+def test_micro_refuses_single_value_batch_norm(capsys):
+    argv = ["micro", "resnet50", "--batch", "1", "--image", "32", "--threads", "1"] + TINY
+    assert bnff(argv) == 2
+    assert "more than one value per channel" in capsys.readouterr().out
+
+
+def test_validation_failure_is_a_clear_error(monkeypatch, capsys):
+    def broken(X, mean, var):
+        mean[:] = 0.0
+        var[:] = 0.0
+    monkeypatch.setitem(BNStats.variants, "broken", broken)
+    argv = ["micro", "resnet50", "--batch", "2", "--image", "32", "--threads", "1",
+            "--stage", "bn_stats", "--variant", "broken"] + TINY
+    assert bnff(argv) == 1
+    err = capsys.readouterr().err
+    assert "validation failed: bn_stats variant broken" in err and "tolerance" in err
+    with pytest.raises(micro.ValidationError):
+        st = BNStats(dict(mb=1, ic=8, ih=4, iw=4))
+        ins = st.make_inputs(np.random.default_rng(0))
+        micro.validate(st, ["broken"], ins, st.allocate_outputs())
