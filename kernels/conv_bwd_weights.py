@@ -11,9 +11,9 @@ straight into dw), summed at the end: no races, no atomics.
 Variants (all `f(x, dy, dw, stride, pad)`, dw preallocated [OC, KH, KW, IC]):
 1. naive:   tasks are output channels; rank-1 updates of dw[oc] over every pixel.
 2. blocked: tasks are pixel ranges, each with its own partial dw, rank-1 updates per pixel.
-3. gemm:    per task, BLIS loops over KC-pixel blocks: im2col(x) packed into NR-wide panels
-            (prologue_x applied), dy^T packed into MR-row micro-panels (prologue_dy applied),
-            6x16 micro-kernel accumulating into the task's partial dw.
+3. gemm:    per task, for each block of its partial dw that fits in L2, BLIS loops over
+            KC-pixel blocks: im2col(x) packed into NR-wide panels (prologue_x applied), dy^T
+            into MR-row micro-panels (prologue_dy applied), 6x16 micro-kernel accumulating.
 
 For the fused schedules: `make_conv_backward_weights(prologue_x, prologue_dy)` returns the gemm
 kernel
@@ -32,6 +32,8 @@ from kernels import reference as R
 from kernels.conv_common import (conv_flops, from_ohwi, identity_prologue, stable, tap_groups)
 from kernels.conv_fwd import ConvForward
 from kernels.gemm import KC, MC, MR, NR, tile
+
+CBLOCK = 48 * 1024  # floats of the dw block a task keeps hot (192 KiB of a >= 256 KiB L2)
 from kernels.stage import F32, Cost
 
 
@@ -127,63 +129,76 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
         _, OH, OW, OC = dy.shape
         K = dw.size // OC
         M = N * OH * OW
-        npan = (K + NR - 1) // NR
         x1 = x.reshape(x.size)
         dy1 = dy.reshape(dy.size)
         chunk = (M + nt - 1) // nt
+        mcb = min(MC, OC)
+        ncb = max(NR, CBLOCK // mcb // NR * NR)  # the mcb x ncb block of dw stays in L2
         for tid in prange(nt):
             c2 = dw.reshape(OC, K) if tid == 0 else part[tid - 1]
             c2[:] = 0.0
-            bp = np.empty(npan * KC * NR, np.float32)
-            ap = np.empty(((min(MC, OC) + MR - 1) // MR * MR) * KC, np.float32)
+            bp = np.empty(ncb * KC, np.float32)
+            ap = np.empty((mcb + MR - 1) // MR * MR * KC, np.float32)
             rows = np.empty(MR, np.int64)
             scratch = np.empty(MR * NR, np.float32)
-            for p0 in range(tid * chunk, min(M, (tid + 1) * chunk), KC):
-                kc = min(KC, M - p0, (tid + 1) * chunk - p0)
-                # B = im2col(x) rows p0 .. p0+kc in NR-wide panels: bp[(k // NR)*kc*NR + p*NR + k % NR]
-                bp[:npan * kc * NR] = 0.0
-                for p in range(kc):
-                    n = (p0 + p) // (OH * OW)
-                    oh = (p0 + p) // OW - n * OH
-                    ow = p0 + p - (n * OH + oh) * OW
-                    for g in range(gy.shape[0]):
-                        y = oh * stride + gy[g]
-                        if y < 0 or y >= H:
-                            continue
-                        xs = ow * stride + gx[g]
-                        k0 = gt[g] * IC
-                        k = max(k0, k0 - xs * IC)
-                        kb = min(k0 + gl[g] * IC, k0 + (W - xs) * IC)
-                        base = ((n * H + y) * W + xs) * IC - k0
-                        while k < kb:  # pieces within one panel and one source pixel
-                            jp = k // NR
-                            c = (k - k0) % IC
-                            e = min(kb, (jp + 1) * NR, k + IC - c)
-                            o = (jp * kc + p) * NR + k - jp * NR
-                            for q in range(e - k):
-                                i = np.uint64(base + k + q)
-                                bp[np.uint64(o + q)] = prologue_x(x1[i], i, np.uint64(c + q),
-                                                                  px_args)
-                            k = e
-                for r0 in range(0, OC, MC):
-                    mc = min(MC, OC - r0)
-                    # A = dy^T rows r0 .. r0+mc in MR-row micro-panels: ap[(r // MR)*kc*MR + p*MR + r % MR]
-                    for p in range(kc):
-                        s = (p0 + p) * OC + r0
-                        for r in range(mc):
-                            i = np.uint64(s + r)
-                            ap[(r // MR) * kc * MR + p * MR + r % MR] = prologue_dy(
-                                dy1[i], i, np.uint64(r0 + r), pdy_args)
-                        for r in range(mc, (mc + MR - 1) // MR * MR):
-                            ap[(r // MR) * kc * MR + p * MR + r % MR] = 0.0
-                    for jp in range(npan):
-                        nr = min(NR, K - jp * NR)
-                        for ir in range(0, mc, MR):
-                            mr = min(MR, mc - ir)
-                            for i in range(MR):
-                                rows[i] = r0 + ir + min(i, mr - 1)
-                            tile(kc, ap, ir * kc, 1, MR, bp, jp * kc * NR, c2, rows, mr,
-                                 jp * NR, K, nr, True, scratch)
+            m1 = min(M, (tid + 1) * chunk)
+            for r0 in range(0, OC, mcb):
+                mc = min(mcb, OC - r0)
+                for j0 in range(0, K, ncb):
+                    nc = min(ncb, K - j0)
+                    for p0 in range(tid * chunk, m1, KC):
+                        kc = min(KC, m1 - p0)
+                        # B = im2col(x)[p0:p0+kc, j0:j0+nc] in NR-wide panels:
+                        # bp[((k - j0) // NR)*kc*NR + p*NR + (k - j0) % NR]
+                        bp[:(nc + NR - 1) // NR * NR * kc] = 0.0
+                        for p in range(kc):
+                            n = (p0 + p) // (OH * OW)
+                            oh = (p0 + p) // OW - n * OH
+                            ow = p0 + p - (n * OH + oh) * OW
+                            for g in range(gy.shape[0]):
+                                y = oh * stride + gy[g]
+                                xs = ow * stride + gx[g]
+                                k0 = gt[g] * IC
+                                k = max(k0, k0 - xs * IC, j0)
+                                kb = min(k0 + gl[g] * IC, k0 + (W - xs) * IC, j0 + nc)
+                                if y < 0 or y >= H or k >= kb:
+                                    continue
+                                base = ((n * H + y) * W + xs) * IC - k0
+                                c = (k - k0) % IC
+                                j = (k - j0) % NR
+                                o = ((k - j0) // NR * kc + p) * NR
+                                while k < kb:  # pieces within one panel and one source pixel
+                                    e = min(kb, k + NR - j, k + IC - c)
+                                    for q in range(e - k):
+                                        i = np.uint64(base + k + q)
+                                        bp[np.uint64(o + j + q)] = prologue_x(
+                                            x1[i], i, np.uint64(c + q), px_args)
+                                    c += e - k
+                                    j += e - k
+                                    k = e
+                                    if c == IC:
+                                        c = 0
+                                    if j == NR:
+                                        j = 0
+                                        o += kc * NR
+                        # A = dy^T[r0:r0+mc, p0:p0+kc] in MR-row micro-panels:
+                        # ap[(r // MR)*kc*MR + p*MR + r % MR]
+                        for p in range(kc):
+                            s = (p0 + p) * OC + r0
+                            for r in range(mc):
+                                i = np.uint64(s + r)
+                                ap[(r // MR) * kc * MR + p * MR + r % MR] = prologue_dy(
+                                    dy1[i], i, np.uint64(r0 + r), pdy_args)
+                            for r in range(mc, (mc + MR - 1) // MR * MR):
+                                ap[(r // MR) * kc * MR + p * MR + r % MR] = 0.0
+                        for jp in range((nc + NR - 1) // NR):
+                            nr = min(NR, nc - jp * NR)
+                            for ir in range(0, mc, MR):
+                                mr = min(MR, mc - ir)
+                                for i in range(MR):
+                                    rows[i] = r0 + ir + min(i, mr - 1)
+                                tile(kc, ap, ir * kc, 1, MR, bp, jp * kc * NR, c2, rows, mr,
+                                     j0 + jp * NR, K, nr, True, scratch)
         dw2 = dw.reshape(OC, K)
         for r in prange(OC):
             for t in range(nt - 1):

@@ -225,14 +225,15 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
                             ap[o + vb:o + kb] = 0.0
                             base = ((rn[r] * SH + y) * SW + xs) * CS - k0
                             k = va
-                            while k < vb:  # one source pixel at a time, for the channel c
-                                c = (k - k0) % CS
+                            c = (va - k0) % CS
+                            while k < vb:  # one source pixel at a time, channels c ..
                                 e = min(vb, k + CS - c)
                                 for q in range(e - k):  # unsigned indices: no wraparound, SIMD
                                     i = np.uint64(base + k + q)
                                     ap[np.uint64(o + k + q)] = prologue(src1[i], i,
                                                                        np.uint64(c + q), pro_args)
                                 k = e
+                                c = 0
                     ap[mc * kc:(mc + MR - 1) // MR * MR * kc] = 0.0
                     for jp in range(npan):
                         nr = min(NR, CD - jp * NR)
