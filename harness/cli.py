@@ -14,6 +14,8 @@ COMMANDS = [
     "harness.check",
     "harness.roofline",
     "harness.micro",
+    "harness.bench",
+    "harness.report",
 ]
 
 

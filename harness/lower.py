@@ -30,7 +30,10 @@ from suites.graph import INPUT, Graph
 
 @dataclass(frozen=True)
 class Options:
-    bn: str  # "caffe" or "framework"
+    bn: str                      # "caffe", "framework" or "split" (fission)
+    fuse_forward: bool = False   # split only: sub-BN1 into conv epilogues, sub-BN2 into prologues
+    fuse_backward: bool = False  # split only: mask and sums into backward-data epilogues, dx
+                                 # into the producing conv's backward prologues
 
 
 def nhwc(shape):
@@ -246,4 +249,8 @@ class Lowering:
 
 
 def lower(graph: Graph, batch: int, image: int, options: Options):
+    if options.bn == "split":
+        from harness.lower_bnff import SplitLowering
+        return SplitLowering(graph, batch, image, options).lower()
     return Lowering(graph, batch, image, options).lower()
+

@@ -191,3 +191,4 @@ def linear_bwd_call(dy, x, w, dx, dw, db, xs, ys):
 def softmax_xent_call(z, labels, loss_out, dz, zs):
     fn, cost = _default(loss.SoftmaxCrossEntropy, dict(mb=zs[0], oc=zs[1]))
     return fn, (z, labels, loss_out, dz), cost
+

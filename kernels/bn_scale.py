@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.bn_stats import BLOCKS, TILE_ROWS, block_rows
+from kernels.bn_stats import BLOCKS, TILE_ROWS, block_rows, merge_blocks
 from kernels.stage import F32, Cost, Stage
 
 
@@ -40,6 +40,8 @@ def scale_backward(DY, XH, gamma, dgamma, dbeta, DXH):
     p2 = np.zeros((BLOCKS, c))
     for blk in prange(BLOCKS):
         r0, r1 = block_rows(blk, BLOCKS, m)
+        a1 = np.zeros(c)
+        a2 = np.zeros(c)
         t1 = np.empty(c, np.float32)
         t2 = np.empty(c, np.float32)
         for s in range(r0, r1, TILE_ROWS):
@@ -52,11 +54,12 @@ def scale_backward(DY, XH, gamma, dgamma, dbeta, DXH):
                     t2[j] += g * XH[r, j]
                     DXH[r, j] = gamma[j] * g
             for j in range(c):
-                p1[blk, j] += t1[j]
-                p2[blk, j] += t2[j]
-    for j in range(c):
-        dbeta[j] = p1[:, j].sum()
-        dgamma[j] = p2[:, j].sum()
+                a1[j] += t1[j]
+                a2[j] += t2[j]
+        p1[blk] = a1
+        p2[blk] = a2
+    merge_blocks(p1, 1.0, dbeta)
+    merge_blocks(p2, 1.0, dgamma)
 
 
 class BNScale(Stage):

@@ -1,0 +1,74 @@
+"""`bnff bench` and `bnff report`: CSV contract, memory guard, validation before timing."""
+import csv
+
+import numpy as np
+import pytest
+
+from harness.args import UserError
+from harness.bench import COLUMNS, memory_guard, validate
+from harness.cli import main
+from harness.executor import Executor
+from harness.problem import make_batch, make_params
+from suites import networks
+
+EXAMPLE = "suites/examples/vgg_residual.json"
+
+
+def test_bench_csv_and_report(tmp_path, capsys):
+    out = tmp_path / "m" / "bench.csv"
+    argv = ["bench", EXAMPLE, "--batch", "2", "--image", "16", "--threads", "1",
+            "--schedules", "caffe,baseline", "--repeat", "2", "--csv", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "vs caffe" in printed and "time by kind" in printed
+    assert main(argv) == 0  # appending keeps a single header
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(out) as f:
+        assert sum(line.startswith("network,") for line in f) == 1
+    assert set(COLUMNS) <= set(rows[0]) and {"cpu_model", "numba", "threading_layer"} <= set(rows[0])
+    its = [r for r in rows if r["stage"] == "iteration"]
+    assert len(its) == 4 and all(float(r["median_s"]) > 0 and int(r["peak_mem_bytes"]) > 0
+                                 for r in its)
+    steps = [r for r in rows if r["stage"] != "iteration" and r["schedule"] == "baseline"]
+    assert {r["phase"] for r in steps} == {"forward", "backward"}
+    assert {r["kind"] for r in steps} >= {"conv", "bn", "relu", "concat", "pool", "other"}
+    # bytes of the iteration row are the sum of its stages
+    run1 = [r for r in steps if r["timestamp"] == steps[0]["timestamp"]]
+    it = next(r for r in its if r["schedule"] == "baseline")
+    assert sum(int(r["bytes"]) for r in run1) == int(it["bytes"])
+    pytest.importorskip("matplotlib")
+    assert main(["report", "--results", str(tmp_path)]) == 0
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "vgg_residual" in report and "speedup.png" in report
+
+
+def test_memory_guard_refuses_before_allocating():
+    ex = [Executor(networks.load("densenet121"), "baseline", 16, 224)]
+    with pytest.raises(UserError, match="GiB are available"):
+        memory_guard(ex, available=2**30)
+    assert ex[0].arrays is None
+    assert memory_guard(ex, available=2**40) == ex[0].peak_bytes()
+
+
+def test_validation_catches_a_wrong_schedule():
+    g = networks.load(EXAMPLE)
+    exs = [Executor(g, s, 2, 16) for s in ("baseline", "caffe")]
+    params = make_params(g, 0)
+    x, labels = make_batch(g, 2, 16, 0)
+    for ex in exs:
+        ex.load(params, x, labels)
+        ex.run()
+    assert validate(exs)["caffe"] < 1e-4
+    exs[1].arrays["grad:conv2.weight"] *= np.float32(1.5)
+    with pytest.raises(UserError, match="caffe disagrees with baseline"):
+        validate(exs)
+
+
+def test_bench_argument_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", EXAMPLE, "--schedules", "nope"])
+    assert "unknown schedule" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", EXAMPLE, "--threads", "999"])
+    assert "thread counts must be between 1 and" in capsys.readouterr().err
