@@ -12,6 +12,9 @@ from harness.reference_step import train_step as reference
 OPTIONS = {
     "caffe": Options(bn="caffe"),
     "baseline": Options(bn="framework"),
+    "fission": Options(bn="split"),
+    "bnff-fwd": Options(bn="split", fuse_forward=True),
+    "bnff": Options(bn="split", fuse_forward=True, fuse_backward=True),
 }
 FLOAT32 = list(OPTIONS)
 

@@ -1,0 +1,179 @@
+"""The kernel calls of the BNFF lowerings (harness/lower_bnff.py): the split BN pieces of
+kernels/bn_fused.py and convs with BN hooks (kernels/bnff_hooks.py, kernels/conv_common.py)
+compiled in. Same conventions as harness/ops.py: each returns (kernel, args, cost)."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from harness.ops import _conv, _default, _dims, _view
+from kernels import (bn_fused, bn_scale, bn_stats, bnff_hooks, conv_bwd_data,
+                     conv_bwd_weights, conv_common, conv_fwd)
+from kernels.stage import F32, Cost
+
+
+def partials_shape(c):
+    """Per-task float64 partial sums an epilogue accumulates: [max threads, C]."""
+    return (numba.config.NUMBA_NUM_THREADS, c)
+
+
+def stats_coeffs_call(x, mean, var, gamma, beta, a, b, eps, shape):
+    """Sub-BN1 as its own pass (a producer that is not a conv): one stable pass over x for
+    mean and var, then a = gamma * inv, b = beta - mean * a."""
+    stats, cost = _default(bn_stats.BNStats, _dims(shape))
+    c = shape[3]
+
+    def fn(x, mean, var, gamma, beta, a, b):
+        stats(x.reshape(-1, c), mean, var)
+        bn_fused.bn_coefficients(mean, var, gamma, beta, eps, a, b)
+    return fn, (x, mean, var, gamma, beta, a, b), cost
+
+
+def finalize_stats_call(s1, s2, mean, var, gamma, beta, a, b, eps, shape):
+    """Sub-BN1's merge after a conv epilogue accumulated the per-task sums."""
+    m, c = int(np.prod(shape[:3])), shape[3]
+
+    def fn(s1, s2, mean, var, gamma, beta, a, b):
+        nt = numba.get_num_threads()
+        bn_fused.stats_from_sums(s1[:nt], s2[:nt], m, mean, var)
+        bn_fused.bn_coefficients(mean, var, gamma, beta, eps, a, b)
+    nt = numba.config.NUMBA_NUM_THREADS
+    return fn, (s1, s2, mean, var, gamma, beta, a, b), Cost(4 * nt * c, 2 * nt * c * 8, 4 * c * F32)
+
+
+def finalize_grads_call(s1, s2, mean, var, gamma, dgamma, dbeta, a, p, q, eps, shape):
+    """dgamma, dbeta and the dx coefficients (dx = a*dy + p*x + q) from the sums of dy and
+    dy*x, given per task ([T, C], from a conv epilogue) or merged ([C], from a pass)."""
+    m, c = int(np.prod(shape[:3])), shape[3]
+
+    def fn(s1, s2, mean, var, gamma, dgamma, dbeta, a, p, q):
+        if s1.ndim == 2:
+            nt = numba.get_num_threads()
+            s1, s2 = s1[:nt].sum(axis=0), s2[:nt].sum(axis=0)
+        bn_fused.bn_backward_coefficients(s1, s2, mean, var, gamma, eps, m, dgamma, dbeta,
+                                          a, p, q)
+    return fn, (s1, s2, mean, var, gamma, dgamma, dbeta, a, p, q), Cost(8 * c, 4 * c * 8, 5 * c * F32)
+
+
+def _fused(stage, shape):
+    st = getattr(bn_fused, stage)(_dims(shape))
+    return st.variants[st.default], st.cost(st.default)
+
+
+def normalize_relu_call(x, a, b, y, shape):
+    fn, cost = _fused("BNReLU", shape)
+    return _view(fn, shape[3]), (x, a, b, y), cost
+
+
+def normalize_call(x, a, b, y, shape):
+    """y = a*x + b with the coefficients already made (a BN not followed by a ReLU)."""
+    fn, cost = _default(bn_scale.BNScale, _dims(shape))
+    return _view(fn, shape[3]), (x, a, b, y), cost
+
+
+def normalize_add_relu_call(x, a, b, s, y, shape):
+    fn, cost = _fused("BNAddReLU", shape)
+    return _view(fn, shape[3]), (x, a, b, s, y), cost
+
+
+def normalize2_add_relu_call(x1, a1, b1, x2, a2, b2, y, shape):
+    fn, cost = _fused("BN2AddReLU", shape)
+    return _view(fn, shape[3]), (x1, a1, b1, x2, a2, b2, y), cost
+
+
+def relu_mask_sums_call(dz, x, a, b, dy, s1, s2, shape):
+    fn, cost = _fused("ReLUMaskSums", shape)
+    return _view(fn, shape[3]), (dz, x, a, b, dy, s1, s2), cost
+
+
+def relu_mask_sums_z_call(dz, z, x, dy, s1, s2, shape):
+    fn, cost = _fused("ReLUMaskSumsZ", shape)
+    return _view(fn, shape[3]), (dz, z, x, dy, s1, s2), cost
+
+
+def dy_sums_call(dy, x, s1, s2, shape):
+    fn, cost = _fused("DYSums", shape)
+    return _view(fn, shape[3]), (dy, x, s1, s2), cost
+
+
+def bn_dx_call(dy, x, a, p, q, dx, shape, accumulate):
+    fn, cost = _fused("BNDxAdd" if accumulate else "BNDx", shape)
+    return _view(fn, shape[3]), (dy, x, a, p, q, dx), cost
+
+
+PROLOGUES = {None: conv_common.identity_prologue, "bn": bnff_hooks.bn_prologue,
+             "bn_relu": conv_common.bn_relu_prologue, "bn_grad": conv_common.bn_grad_prologue}
+EPILOGUES = {None: conv_common.identity_epilogue, "stats": conv_common.channel_sums_epilogue,
+             "relu_mask_sums": bnff_hooks.relu_mask_sums_epilogue,
+             "sums": bnff_hooks.sums_epilogue}
+
+
+def _hook_args(kind, arrays):
+    """The hook's args tuple from the step's arrays: bn_grad indexes its pre-BN tensor flat,
+    the epilogues as an [M, C] view (conv_common, bnff_hooks)."""
+    if kind == "bn_grad":
+        return (arrays[0].reshape(-1),) + tuple(arrays[1:])
+    if kind in ("relu_mask_sums", "sums"):
+        return (arrays[0].reshape(-1, arrays[0].shape[-1]),) + tuple(arrays[1:])
+    return tuple(arrays)
+
+
+def _hook_bytes(kind, shape):
+    """Main-memory bytes a hook adds: the pre-BN tensor it reads beside the conv's operand."""
+    return int(np.prod(shape)) * F32 if kind in ("bn_grad", "relu_mask_sums", "sums") else 0
+
+
+def conv_fwd_fused_call(x, w, y, xs, node, pro, pro_args, epi, epi_args):
+    """Conv forward with normalize(+ReLU) of its input in the prologue (pro_args = (a, b);
+    x is then the pre-BN tensor) and/or BN statistics of its output in the epilogue
+    (epi_args = per-task partial sums s1, s2, zeroed here)."""
+    kernel = conv_fwd.make_conv_forward(PROLOGUES[pro], EPILOGUES[epi])
+    _, cost = _default(conv_fwd.ConvForward, _conv(xs, node))
+    s, p, npro = node["stride"], node["padding"], len(pro_args)
+
+    def fn(x, w, y, *hooks):
+        if epi:
+            for part in hooks[npro:]:
+                part[...] = 0.0
+        kernel(x, w, y, s, p, _hook_args(pro, hooks[:npro]), _hook_args(epi, hooks[npro:]),
+               numba.get_num_threads())
+    return fn, (x, w, y) + tuple(pro_args) + tuple(epi_args), cost
+
+
+def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args):
+    """Conv backward-data forming its incoming gradient in the prologue (pro = bn_grad,
+    pro_args = (x', a, p, q)) and/or masking its output and summing it per channel in the
+    epilogue (epi = relu_mask_sums, epi_args = (x, a, b, s1, s2); or sums: (x, s1, s2))."""
+    kernel = conv_bwd_data.make_conv_backward_data(PROLOGUES[pro], EPILOGUES[epi])
+    _, cost = _default(conv_bwd_data.ConvBackwardData, _conv(xs, node))
+    ys = _conv_out(xs, node)
+    cost = cost + Cost(0, _hook_bytes(pro, ys) + _hook_bytes(epi, xs), 0)
+    s, p, npro = node["stride"], node["padding"], len(pro_args)
+
+    def fn(dy, w, dx, *hooks):
+        if epi:
+            for part in hooks[-2:]:
+                part[...] = 0.0
+        kernel(dy, w, dx, s, p, _hook_args(pro, hooks[:npro]), _hook_args(epi, hooks[npro:]),
+               numba.get_num_threads())
+    return fn, (dy, w, dx) + tuple(pro_args) + tuple(epi_args), cost
+
+
+def conv_bwd_weights_fused_call(x, dy, dw, xs, node, pro_x, px_args, pro_dy, pdy_args):
+    """Conv backward-weights recomputing its input in one prologue (normalize+ReLU of the
+    pre-BN tensor) and forming its incoming gradient in the other (bn_grad)."""
+    kernel = conv_bwd_weights.make_conv_backward_weights(PROLOGUES[pro_x], PROLOGUES[pro_dy])
+    _, cost = _default(conv_bwd_weights.ConvBackwardWeights, _conv(xs, node))
+    cost = cost + Cost(0, _hook_bytes(pro_dy, _conv_out(xs, node)), 0)
+    s, p, nx = node["stride"], node["padding"], len(px_args)
+
+    def fn(x, dy, dw, *hooks):
+        kernel(x, dy, dw, s, p, _hook_args(pro_x, hooks[:nx]), _hook_args(pro_dy, hooks[nx:]),
+               numba.get_num_threads())
+    return fn, (x, dy, dw) + tuple(px_args) + tuple(pdy_args), cost
+
+
+def _conv_out(xs, node):
+    n, h, w, _ = xs
+    o = lambda i: conv_common.out_size(i, node["kernel"], node["stride"], node["padding"])
+    return (n, o(h), o(w), node["out_channels"])
