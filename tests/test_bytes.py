@@ -1,0 +1,76 @@
+"""The byte model: what each schedule moves at each kind of BN site, in multiples of S, the
+bytes of the site's activation tensor (per-channel vectors add well under 0.1 % of S), and
+that the fused schedules move fewer bytes and hold less memory on the built-in networks.
+Figures at batch 16, 224x224, counting each tensor pass once (bnff.md, 'Counting')."""
+import pytest
+
+from harness.executor import Executor
+from harness.schedules import FLOAT32
+from suites import networks
+
+ORDER = ["caffe", "baseline", "fission", "bnff-fwd", "bnff"]
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return {net: {s: Executor(networks.load(net), s, 16, 224).plan for s in FLOAT32}
+            for net in ("densenet121", "resnet50")}
+
+
+def site_bytes(plan, nodes, phase, kind=None):
+    return sum(s.cost.bytes for s in plan.steps if s.name.split(" ")[0] in nodes
+               and s.phase == phase and (kind is None or s.kind == kind))
+
+
+def in_s(value, s):
+    assert abs(value - round(value / s) * s) < 1e-3 * s, value / s
+    return round(value / s)
+
+
+# (network, nodes of the site, S = the BN input tensor, forward and backward in S per schedule)
+SITES = {
+    # conv -> BN -> ReLU -> conv: everything fuses
+    "plain": ("resnet50", ("layer1.0.bn1", "layer1.0.relu1"), 16 * 56 * 56 * 64 * 4,
+              dict(caffe=(8, 11), baseline=(5, 8), fission=(3, 6), **{"bnff-fwd": (0, 6)},
+                   bnff=(0, 0))),
+    # ResNet block end, identity shortcut: BN -> add -> ReLU, written once when split.
+    # baseline fwd: stats 1 + normalize 2 + add 3 + ReLU in place 2; bwd: ReLU 3, the
+    # shortcut's copy of the gradient 2, BN 5. Split: normalize+add+ReLU 3; backward the
+    # mask with the sums reads dz, z and x and writes dy (4), the copy 2, dx 3 unless fused.
+    "block end": ("resnet50", ("layer1.1.bn3", "layer1.1.add", "layer1.1.relu3"),
+                  16 * 56 * 56 * 256 * 4,
+                  dict(caffe=(11, 13), baseline=(8, 10), fission=(4, 9),
+                       **{"bnff-fwd": (3, 9)}, bnff=(3, 6))),
+    # DenseNet: BN of a concat (statistics in their own pass), normalize into the conv
+    "concat input": ("densenet121", ("block1.layer3.norm1", "block1.layer3.relu1"),
+                     16 * 56 * 56 * 128 * 4,
+                     dict(caffe=(8, 11), baseline=(5, 8), fission=(3, 6),
+                          **{"bnff-fwd": (1, 6)}, bnff=(1, 3))),
+}
+
+
+@pytest.mark.parametrize("kind", SITES)
+def test_site_bytes(plans, kind):
+    net, nodes, s, expect = SITES[kind]
+    got = {sch: (in_s(site_bytes(plans[net][sch], nodes, "forward"), s),
+                 in_s(site_bytes(plans[net][sch], nodes, "backward"), s)) for sch in expect}
+    assert got == expect
+
+
+def test_hooks_add_their_reads_to_the_convs(plans):
+    """bnff's backward reads the pre-BN tensor in the consumer's backward-data epilogue and in
+    both backward kernels of the producer: conv2's epilogue for bn1 (1 S), conv1's
+    prologues for bn1 (2 S) and conv2's prologues for bn2 (2 S)."""
+    p, b = plans["resnet50"]["bnff"], plans["resnet50"]["baseline"]
+    s = 16 * 56 * 56 * 64 * 4
+    convs = ("layer1.0.conv1", "layer1.0.conv2")
+    extra = site_bytes(p, convs, "backward", "conv") - site_bytes(b, convs, "backward", "conv")
+    assert in_s(extra, s) == 5
+    assert site_bytes(p, convs, "forward", "conv") == site_bytes(b, convs, "forward", "conv")
+
+
+@pytest.mark.parametrize("net", ["densenet121", "resnet50"])
+def test_each_step_of_restructuring_moves_fewer_bytes(plans, net):
+    total = [plans[net][s].cost().bytes for s in ORDER]
+    assert total == sorted(total, reverse=True) and len(set(total)) == len(total)
+    assert plans[net]["bnff"].peak_bytes() < plans[net]["baseline"].peak_bytes()
