@@ -244,6 +244,30 @@ def test_backward_data_epilogue(shape, ntasks, relu):
     _close(s2.sum(0), w2)
 
 
+@pytest.mark.parametrize("relu", [True, False], ids=["relu_mask_sums", "sums"])
+def test_backward_data_epilogue_on_channel_slice(relu):
+    """DenseNet: the pre-BN x of the epilogues is the channel prefix of the block buffer."""
+    shape = HOOK_SHAPES[0]
+    rng, x, a, b, w, yshape = _conv_case(shape, 11)
+    ic = shape[0]
+    buf = rng.standard_normal(x.shape[:3] + (ic + 32,), dtype=np.float32)
+    buf[..., :ic] = x
+    xs = _flat(buf)[:, :ic]
+    g = rng.standard_normal(yshape, dtype=np.float32)
+    dz = np.empty(x.shape, np.float32)
+    conv_backward_data(g, w, dz, shape[3], shape[4])
+    dy = np.full(x.shape, np.nan, np.float32)
+    s1, s2 = np.zeros((2, ic)), np.zeros((2, ic))
+    epi, epi_args = ((relu_mask_sums_epilogue, (xs, a, b, s1, s2)) if relu
+                     else (sums_epilogue, (xs, s1, s2)))
+    make_conv_backward_data(identity_prologue, epi)(g, w, dy, shape[3], shape[4], (), epi_args,
+                                                    2)
+    want = dz.astype(np.float64) * ((a * x.astype(np.float64) + b > 0) if relu else 1)
+    _close(dy, want, 1e-6)
+    _close(s1.sum(0), _flat(want).sum(0), 1e-6)
+    _close(s2.sum(0), (_flat(want) * _flat(x)).sum(0), 1e-6)
+
+
 @pytest.mark.parametrize("relu", [True, False], ids=["bn_relu_prologue", "bn_prologue"])
 @pytest.mark.parametrize("shape", HOOK_SHAPES, ids=HOOK_IDS)
 def test_backward_weights_prologues(shape, relu):
