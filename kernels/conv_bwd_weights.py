@@ -13,7 +13,7 @@ Variants (all `f(x, dy, dw, stride, pad)`, dw preallocated [OC, KH, KW, IC]):
 2. blocked: tasks are pixel ranges, each with its own partial dw, rank-1 updates per pixel.
 3. gemm:    per task, for each block of its partial dw that fits in L2, BLIS loops over
             KC-pixel blocks: im2col(x) packed into NR-wide panels (prologue_x applied), dy^T
-            into MR-row micro-panels (prologue_dy applied), 6x16 micro-kernel accumulating.
+            row by row (prologue_dy applied), 6x16 micro-kernel accumulating.
 
 For the fused schedules: `make_conv_backward_weights(prologue_x, prologue_dy)` returns the gemm
 kernel
@@ -181,23 +181,21 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
                                     if j == NR:
                                         j = 0
                                         o += kc * NR
-                        # A = dy^T[r0:r0+mc, p0:p0+kc] in MR-row micro-panels:
-                        # ap[(r // MR)*kc*MR + p*MR + r % MR]
+                        # A = dy^T[r0:r0+mc, p0:p0+kc] row by row: ap[r * KC + p]
                         for p in range(kc):
                             s = (p0 + p) * OC + r0
                             for r in range(mc):
                                 i = np.uint64(s + r)
-                                ap[(r // MR) * kc * MR + p * MR + r % MR] = prologue_dy(
-                                    dy1[i], i, np.uint64(r0 + r), pdy_args)
-                            for r in range(mc, (mc + MR - 1) // MR * MR):
-                                ap[(r // MR) * kc * MR + p * MR + r % MR] = 0.0
+                                ap[r * KC + p] = prologue_dy(dy1[i], i, np.uint64(r0 + r),
+                                                             pdy_args)
+                        ap[mc * KC:(mc + MR - 1) // MR * MR * KC] = 0.0
                         for jp in range((nc + NR - 1) // NR):
                             nr = min(NR, nc - jp * NR)
                             for ir in range(0, mc, MR):
                                 mr = min(MR, mc - ir)
                                 for i in range(MR):
                                     rows[i] = r0 + ir + min(i, mr - 1)
-                                tile(kc, ap, ir * kc, 1, MR, bp, jp * kc * NR, c2, rows, mr,
+                                tile(kc, ap, ir * KC, bp, jp * kc * NR, c2, rows, mr,
                                      j0 + jp * NR, K, nr, True, scratch)
         dw2 = dw.reshape(OC, K)
         for r in prange(OC):

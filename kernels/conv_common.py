@@ -13,7 +13,7 @@ one destination pixel, a column one (tap, source channel), tap = (kh, kw):
 over the grid 0 <= i < GH, 0 <= j < GW with pix(n, i, j) = (n, dy0 + ds*i, dx0 + ds*j), and
 zero where the source pixel falls in the padding. Forward is the grid of output pixels with
 ss = stride, ty = kh - pad; backward-data is one such GEMM per stride phase (conv_bwd_data).
-`igemm` packs row blocks of A (applying the prologue on the way) into row-major MR-row panels
+`igemm` packs row blocks of A (applying the prologue on the way) row by row, KC floats apart,
 and runs the gemm.py micro-kernel against B packed in NR-wide panels.
 
 Hooks, specialized in at compile time: the `make_*` factories return a plain function (pack
@@ -187,7 +187,7 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
         step = row_step(m, nt)
         nblocks = (m + step - 1) // step
         for tid in prange(nt):
-            ap = np.empty(step * KC + MR * KC, np.float32)
+            ap = np.empty((step + MR) * KC, np.float32)
             rn = np.empty(step, np.int64)
             ri = np.empty(step, np.int64)
             rj = np.empty(step, np.int64)
@@ -204,10 +204,10 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
                 for p0 in range(0, max(K, 1), KC):
                     kc = min(KC, K - p0)
                     last = p0 + KC >= K
-                    # pack rows r0 .. r0+mc, columns p0 .. p0+kc of A into ap[r * kc + p]: per
+                    # pack rows r0 .. r0+mc, columns p0 .. p0+kc of A into ap[r * KC + p]: per
                     # tap group, one contiguous source run, zeros where it leaves the image
                     for r in range(mc):
-                        o = r * kc - p0
+                        o = r * KC - p0
                         for g in range(gy.shape[0]):
                             k0 = gt[g] * CS
                             ka = max(k0, p0)
@@ -234,7 +234,7 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
                                                                        np.uint64(c + q), pro_args)
                                 k = e
                                 c = 0
-                    ap[mc * kc:(mc + MR - 1) // MR * MR * kc] = 0.0
+                    ap[mc * KC:(mc + MR - 1) // MR * MR * KC] = 0.0
                     for jp in range(npan):
                         nr = min(NR, CD - jp * NR)
                         for ir in range(0, mc, MR):
@@ -242,7 +242,7 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
                             for i in range(MR):
                                 r = ir + min(i, mr - 1)
                                 rows[i] = (rn[r] * DH + dy0 + ds * ri[r]) * DW + dx0 + ds * rj[r]
-                            tile(kc, ap, ir * kc, kc, 1, bp, (jp * K + p0) * NR, dst, rows, mr,
+                            tile(kc, ap, ir * KC, bp, (jp * K + p0) * NR, dst, rows, mr,
                                  jp * NR, CD, nr, p0 > 0, scratch)
                             if last:
                                 epilogue(dst, rows, mr, jp * NR, nr, tid, epi_args)
