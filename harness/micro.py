@@ -26,7 +26,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from harness import roofline
-from harness.args import UserError, add_network_args, positive_int, thread_list
+from harness.args import UserError, add_network_args, nonneg_int, positive_int, thread_list
 from harness.machine import append_csv, llc_bytes, machine_info
 from kernels.add import Add
 from kernels.bn_backward import BNBackward
@@ -170,11 +170,13 @@ def time_variants(stage, variants, inputs, outputs, reps: int, min_time: float) 
 def select(items: list, stage: str | None, variant: str | None, descriptor: str | None) -> list:
     """[(Stage, count, [variants])] after the --stage, --variant and --descriptor filters."""
     names = sorted({st.name for st, _ in items})
-    if stage is not None and stage not in names:
-        raise UserError(f"unknown stage {stage!r} for this network; stages: {', '.join(names)}")
+    wanted = None if stage is None else stage.split(",")
+    for w in wanted or []:
+        if w not in names:
+            raise UserError(f"unknown stage {w!r} for this network; stages: {', '.join(names)}")
     out = []
     for st, count in items:
-        if stage is not None and st.name != stage:
+        if wanted is not None and st.name not in wanted:
             continue
         if descriptor is not None and st.descriptor() != descriptor:
             continue
@@ -184,7 +186,7 @@ def select(items: list, stage: str | None, variant: str | None, descriptor: str 
             vs = [st.default]
         elif variant in st.variants:
             vs = [variant]
-        elif stage is not None:
+        elif wanted is not None and len(wanted) == 1:
             raise UserError(f"stage {stage} has no variant {variant!r}; variants: "
                             f"{', '.join(st.variants)} or default")
         else:
@@ -269,7 +271,7 @@ def add_parser(sub) -> None:
     add_network_args(p)
     p.add_argument("--threads", type=thread_list, default=None,
                    help="thread counts, e.g. 1,2 or 1-4 or all (default all)")
-    p.add_argument("--stage", help="only this stage (e.g. bn_stats, conv_fwd)")
+    p.add_argument("--stage", help="only these stages, comma-separated (e.g. bn_stats,conv_fwd)")
     p.add_argument("--variant", help="only this variant, or `default` (default: all variants)")
     p.add_argument("--descriptor", help="only this shape, e.g. mb16ic256ih56iw56")
     p.add_argument("--csv", metavar="FILE", help="append one row per (stage, variant, shape, "
@@ -279,7 +281,7 @@ def add_parser(sub) -> None:
     p.add_argument("--min-time", type=float, default=0.2,
                    help="seconds each variant is timed at least, up to 50x --reps rounds "
                         "(default 0.2)")
-    p.add_argument("--top", type=positive_int, default=40,
+    p.add_argument("--top", type=nonneg_int, default=40,
                    help="rows of the console table (default 40)")
     p.add_argument("--array-mib", type=float, default=None,
                    help="roofline STREAM array MiB (default 8x the LLC)")

@@ -5,23 +5,30 @@ On [M, C] views (M = N*H*W), input k owns channels [off_k, off_k + C_k) of every
     forward:   Y[:, off_k:off_k+C_k] = X_k          reads S, writes S (S = all of Y)
     backward:  dX_k = dY[:, off_k:off_k+C_k]        reads S, writes S
 
-Each input is one call of a parallel strided copy (rows split over the threads). Writing the
-producers straight into their slice of Y, as BNFF does, removes the stage altogether.
+The numpy and prange variants make one strided copy per input: each walks all M rows of Y
+writing a short slice per row. The tiles variant makes one call: per tile of rows (TILE
+floats of Y) it copies every input's contiguous run of rows into the tile, so Y is written
+front to back while the tile's lines are still cached; split does the reverse. Writing the producers straight into
+their slice of Y, as BNFF does, removes the stage altogether.
 
 Kernels ([M, C_k] and [M, C] float32 views; outputs written):
     copy_into(X, Y, off)                Y[:, off:off+C_k] = X
     copy_out(Y, off, X)                 X = Y[:, off:off+C_k]
     add_out(Y, off, X)                  X += Y[:, off:off+C_k]   (a gradient summed at a fork)
-    concat_numpy(xs, Y)   concat_prange(xs, Y)       xs: list of [M, C_k]
-    split_numpy(dY, dxs)  split_prange(dY, dxs)      dxs: list of [M, C_k]
+    concat_numpy(xs, Y)   concat_prange(xs, Y)   concat_tiles(xs, Y)       xs: list of [M, C_k]
+    split_numpy(dY, dxs)  split_prange(dY, dxs)  split_tiles(dY, dxs)      dxs: list of [M, C_k]
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from numba.typed import List
 
 from kernels import reference as ref
+from kernels.bn_stats import BLOCKS, block_rows
 from kernels.stage import F32, Cost, Stage
+
+TILE = 8192  # floats per assembled row tile (32 KiB, L1)
 
 
 @njit(parallel=True, cache=True)
@@ -69,6 +76,29 @@ def concat_prange(xs, Y):
         off += x.shape[1]
 
 
+@njit(parallel=True, fastmath=True, cache=True)
+def _concat_tiles(xs, Y):
+    m, c = Y.shape
+    rows = max(1, TILE // c)
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for s in range(r0, r1, rows):
+            e = min(s + rows, r1)
+            off = 0
+            for k in range(len(xs)):
+                x = xs[k]
+                for r in range(s, e):
+                    for j in range(x.shape[1]):
+                        Y[r, off + j] = x[r, j]
+                off += x.shape[1]
+
+
+# 3. tiles: one call over row tiles of Y, every input copied into each tile.
+def concat_tiles(xs, Y):
+    """Per tile of rows of Y, each input's contiguous rows copied into it (typed list of inputs)."""
+    _concat_tiles(List(xs), Y)
+
+
 # 1. numpy: slice copies out of the gradient, one thread.
 def split_numpy(dY, dxs):
     """dX_k[...] = dY[:, off:off+C_k] by numpy."""
@@ -85,6 +115,29 @@ def split_prange(dY, dxs):
     for dx in dxs:
         copy_out(dY, off, dx)
         off += dx.shape[1]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _split_tiles(dY, dxs):
+    m, c = dY.shape
+    rows = max(1, TILE // c)
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for s in range(r0, r1, rows):
+            e = min(s + rows, r1)
+            off = 0
+            for k in range(len(dxs)):
+                dx = dxs[k]
+                for r in range(s, e):
+                    for j in range(dx.shape[1]):
+                        dx[r, j] = dY[r, off + j]
+                off += dx.shape[1]
+
+
+# 3. tiles: one call over row tiles of dY, every slice copied out of each tile.
+def split_tiles(dY, dxs):
+    """Per tile of rows of dY, each slice copied to its dX_k's contiguous rows (typed list)."""
+    _split_tiles(dY, List(dxs))
 
 
 def _runs(ics):
@@ -123,8 +176,8 @@ class ConcatForward(_Concat):
     """Inputs x0 .. x{k-1} [mb, ih, iw, ics[k]]; output y [mb, ih, iw, sum(ics)]."""
 
     name = "concat_fwd"
-    variants = {"numpy": concat_numpy, "prange": concat_prange}
-    default = "prange"
+    variants = {"numpy": concat_numpy, "prange": concat_prange, "tiles": concat_tiles}
+    default = "tiles"
 
     def make_inputs(self, rng):
         return {f"x{k}": rng.standard_normal(self._nhwc(c), dtype=np.float32)
@@ -148,8 +201,8 @@ class ConcatBackward(_Concat):
     """Input dy [mb, ih, iw, sum(ics)]; outputs dx0 .. dx{k-1} [mb, ih, iw, ics[k]]."""
 
     name = "concat_bwd"
-    variants = {"numpy": split_numpy, "prange": split_prange}
-    default = "prange"
+    variants = {"numpy": split_numpy, "prange": split_prange, "tiles": split_tiles}
+    default = "tiles"
 
     def make_inputs(self, rng):
         return {"dy": rng.standard_normal(self._nhwc(sum(self.shape["ics"])), dtype=np.float32)}

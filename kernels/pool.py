@@ -36,10 +36,10 @@ def _covering(i, k, s, p, n_out):
     return lo, hi
 
 
-# 1. direct: window scan with a running max and its first index.
-@njit(parallel=True, fastmath=True, cache=True)
+# 1. direct: the window max along C, then its first index by a reverse scan.
+@njit(parallel=True, cache=True)
 def maxpool_forward(x, k, s, p, y, arg):
-    """Scan each window in (i, j) order keeping the first maximum, parallel over (n, oh)."""
+    """Window max along C, then argmax = first tap equal to it (selects, vectorized), by (n, oh)."""
     n, h, w, c = x.shape
     oh_, ow_ = y.shape[1], y.shape[2]
     for t in prange(n * oh_):
@@ -48,7 +48,6 @@ def maxpool_forward(x, k, s, p, y, arg):
         idx = np.empty(c, np.int8)
         for ow in range(ow_):
             best[:] = -np.inf
-            idx[:] = 0
             for i in range(k):
                 ih = oh * s - p + i
                 if ih < 0 or ih >= h:
@@ -57,12 +56,20 @@ def maxpool_forward(x, k, s, p, y, arg):
                     iw = ow * s - p + j
                     if iw < 0 or iw >= w:
                         continue
+                    for ch in range(c):
+                        best[ch] = np.maximum(best[ch], x[b, ih, iw, ch])
+            idx[:] = 0
+            for i in range(k - 1, -1, -1):  # reverse, so the first tap in (i, j) order wins
+                ih = oh * s - p + i
+                if ih < 0 or ih >= h:
+                    continue
+                for j in range(k - 1, -1, -1):
+                    iw = ow * s - p + j
+                    if iw < 0 or iw >= w:
+                        continue
                     q = np.int8(i * k + j)
                     for ch in range(c):
-                        v = x[b, ih, iw, ch]
-                        if v > best[ch]:
-                            best[ch] = v
-                            idx[ch] = q
+                        idx[ch] = q if x[b, ih, iw, ch] == best[ch] else idx[ch]
             y[b, oh, ow, :] = best
             arg[b, oh, ow, :] = idx
 
@@ -99,8 +106,8 @@ def maxpool_backward_gather(dy, arg, k, s, p, dx):
                 for ow in range(ow0, ow1):
                     q = np.int8((ih + p - oh * s) * k + (iw + p - ow * s))
                     for ch in range(c):
-                        if arg[b, oh, ow, ch] == q:
-                            acc[ch] += dy[b, oh, ow, ch]
+                        g = dy[b, oh, ow, ch]
+                        acc[ch] += g if arg[b, oh, ow, ch] == q else np.float32(0.0)
             dx[b, ih, iw, :] = acc
 
 
