@@ -19,6 +19,7 @@ Kernels (called directly by schedules, on preallocated outputs; X is the [M, C] 
     stats_two_pass(X, mean, var)   X f32 [M, C]; mean, var f32 [C] (written)
     stats_shifted(X, mean, var)    same signature
     stats_chan(X, mean, var)       same signature
+    stats_shifted_pairs(X, mean, var)   same signature
 """
 from __future__ import annotations
 
@@ -196,12 +197,59 @@ def stats_chan(X, mean, var):
         var[j] = m2 / m
 
 
+# 4. shifted pairs: as 2, each block reading its two halves side by side (two row streams).
+@njit(parallel=True, fastmath=True, cache=True)
+def stats_shifted_pairs(X, mean, var):
+    """As shifted, with rows r and r + half of a block summed together: two streams per thread."""
+    m, c = X.shape
+    nb = BLOCKS
+    k = np.empty(c, np.float32)
+    for j in range(c):
+        k[j] = X[0, j]
+    p1 = np.empty((nb, c))
+    p2 = np.empty((nb, c))
+    for b in prange(nb):
+        r0, r1 = block_rows(b, nb, m)
+        h = (r1 - r0) // 2
+        a1 = np.zeros(c)
+        a2 = np.zeros(c)
+        t1 = np.empty(c, np.float32)
+        t2 = np.empty(c, np.float32)
+        for s in range(r0, r0 + h, TILE_ROWS):
+            t1[:] = 0.0
+            t2[:] = 0.0
+            for r in range(s, min(s + TILE_ROWS, r0 + h)):
+                for j in range(c):
+                    d = X[r, j] - k[j]
+                    e = X[r + h, j] - k[j]
+                    t1[j] += d + e
+                    t2[j] += d * d + e * e
+            for j in range(c):
+                a1[j] += t1[j]
+                a2[j] += t2[j]
+        for r in range(r0 + 2 * h, r1):  # the odd row out
+            for j in range(c):
+                d = X[r, j] - k[j]
+                a1[j] += d
+                a2[j] += d * d
+        p1[b] = a1
+        p2[b] = a2
+    s1 = np.empty(c)
+    s2 = np.empty(c)
+    merge_blocks(p1, 1.0 / m, s1)
+    merge_blocks(p2, 1.0 / m, s2)
+    for j in range(c):
+        mean[j] = k[j] + s1[j]
+        var[j] = s2[j] - s1[j] * s1[j]
+
+
 class BNStats(Stage):
     """Shape keys: mb, ic, ih, iw. Inputs x [mb, ih, iw, ic]; outputs mean, var [ic]."""
 
     name = "bn_stats"
-    variants = {"two_pass": stats_two_pass, "shifted": stats_shifted, "chan": stats_chan}
-    default = "shifted"
+    variants = {"two_pass": stats_two_pass, "shifted": stats_shifted, "chan": stats_chan,
+                "shifted_pairs": stats_shifted_pairs}
+    default = "shifted_pairs"
 
     def _size(self):
         s = self.shape

@@ -89,6 +89,7 @@ def test_byte_declarations_count_passes():
     st = BNStats(s)
     assert st.cost("two_pass").bytes_read == 2 * tensor
     assert st.cost("shifted").bytes_read == st.cost("chan").bytes_read == tensor
+    assert st.cost("shifted_pairs").bytes_read == tensor
     bw = BNBackward(s)
     assert bw.cost("three_pass").bytes_read > bw.cost("two_pass").bytes_read >= 4 * tensor
     assert ReLUForward(s).cost("prange").bytes == 2 * tensor
