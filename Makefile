@@ -4,8 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 BNFF := $(VENV)/bin/bnff
+# results/<machine>/: CPU model and core count, e.g. amd-epyc-2c
+MACHINE = $(shell $(VENV)/bin/python -c "import os, re; from harness.machine import cpu_model; \
+	print(re.sub('[^a-z0-9]+', '-', cpu_model().lower()).strip('-') + '-%dc' % os.cpu_count())")
+BENCH_ARGS ?= densenet121 resnet50 --batch 16 --image 224 --repeat 3
 
-.PHONY: install bench test clean
+.PHONY: install bench report test clean
 
 install: $(STAMP)
 
@@ -14,12 +18,15 @@ $(STAMP): pyproject.toml
 		{ echo "bnff-bench needs Python 3.10 or newer; set PYTHON=/path/to/python3.x"; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,plot]'
 	touch $(STAMP)
 
 bench: $(STAMP)
-	$(BNFF) check densenet121 --batch 2 --image 64 --schedule reference
-	$(BNFF) check resnet50 --batch 2 --image 64 --schedule reference
+	$(BNFF) bench $(BENCH_ARGS) --csv results/$(MACHINE)/bench.csv
+	$(BNFF) report
+
+report: $(STAMP)
+	$(BNFF) report
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
