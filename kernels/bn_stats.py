@@ -19,7 +19,9 @@ Kernels (called directly by schedules, on preallocated outputs; X is the [M, C] 
     stats_two_pass(X, mean, var)   X f32 [M, C]; mean, var f32 [C] (written)
     stats_shifted(X, mean, var)    same signature
     stats_chan(X, mean, var)       same signature
-    stats_shifted_pairs(X, mean, var)   same signature
+    stats_shifted_pairs(X, mean, var)   same signature (the default)
+Shared with the other [M, C] kernels: BLOCKS, TILE_ROWS, block_rows(b, nb, m) -> (r0, r1),
+merge_blocks(part [B, C] f64, scale, out [C]).
 """
 from __future__ import annotations
 

@@ -36,42 +36,37 @@ def _covering(i, k, s, p, n_out):
     return lo, hi
 
 
-# 1. direct: the window max along C, then its first index by a reverse scan.
+# 1. direct: one scan of the clipped window, running max and first index by selects along C.
 @njit(parallel=True, cache=True)
 def maxpool_forward(x, k, s, p, y, arg):
-    """Window max along C, then argmax = first tap equal to it (selects, vectorized), by (n, oh)."""
+    """Window clipped to the image, strict-greater selects (first max wins) along C, by (n, oh)."""
     n, h, w, c = x.shape
     oh_, ow_ = y.shape[1], y.shape[2]
     for t in prange(n * oh_):
         b, oh = t // oh_, t % oh_
+        ih0 = oh * s - p
+        i0, i1 = max(0, -ih0), min(k, h - ih0)
         best = np.empty(c, np.float32)
-        idx = np.empty(c, np.int8)
+        idx = np.empty(c, np.int32)  # as wide as the float mask, so the selects vectorize
         for ow in range(ow_):
-            best[:] = -np.inf
-            for i in range(k):
-                ih = oh * s - p + i
-                if ih < 0 or ih >= h:
-                    continue
-                for j in range(k):
-                    iw = ow * s - p + j
-                    if iw < 0 or iw >= w:
-                        continue
+            iw0 = ow * s - p
+            j0, j1 = max(0, -iw0), min(k, w - iw0)
+            for ch in range(c):
+                best[ch] = x[b, ih0 + i0, iw0 + j0, ch]
+                idx[ch] = i0 * k + j0
+            for i in range(i0, i1):
+                for j in range(j0, j1):
+                    q = i * k + j
                     for ch in range(c):
-                        best[ch] = np.maximum(best[ch], x[b, ih, iw, ch])
-            idx[:] = 0
-            for i in range(k - 1, -1, -1):  # reverse, so the first tap in (i, j) order wins
-                ih = oh * s - p + i
-                if ih < 0 or ih >= h:
-                    continue
-                for j in range(k - 1, -1, -1):
-                    iw = ow * s - p + j
-                    if iw < 0 or iw >= w:
-                        continue
-                    q = np.int8(i * k + j)
-                    for ch in range(c):
-                        idx[ch] = q if x[b, ih, iw, ch] == best[ch] else idx[ch]
-            y[b, oh, ow, :] = best
-            arg[b, oh, ow, :] = idx
+                        v = x[b, ih0 + i, iw0 + j, ch]
+                        bv = best[ch]  # both select operands loaded first: no branch
+                        iv = idx[ch]
+                        gt = v > bv
+                        best[ch] = v if gt else bv
+                        idx[ch] = q if gt else iv
+            for ch in range(c):
+                y[b, oh, ow, ch] = best[ch]
+                arg[b, oh, ow, ch] = idx[ch]
 
 
 # 1. scatter: zero dx, then add each dy at its argmax (parallel over images).
