@@ -44,6 +44,8 @@ from numba import njit, prange
 
 from kernels.gemm import KC, MC, MR, NR, tile
 
+JB_FLOATS = 32 * 1024  # B panel slices visited per row of tiles: 128 KiB, within L2
+
 # --- shapes and weights ------------------------------------------------------------------
 
 
@@ -226,6 +228,13 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
                             base = ((rn[r] * SH + y) * SW + xs) * CS - k0
                             k = va
                             c = (va - k0) % CS
+                            if CS < NR:  # few channels (the stem): one flat run, c wraps
+                                for q in range(vb - va):
+                                    i = np.uint64(base + va + q)
+                                    ap[np.uint64(o + va + q)] = prologue(src1[i], i, np.uint64(c),
+                                                                         pro_args)
+                                    c = c + 1 if c + 1 < CS else 0
+                                continue
                             while k < vb:  # one source pixel at a time, channels c ..
                                 e = min(vb, k + CS - c)
                                 for q in range(e - k):  # unsigned indices: no wraparound, SIMD
@@ -235,17 +244,21 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
                                 k = e
                                 c = 0
                     ap[mc * KC:(mc + MR - 1) // MR * MR * KC] = 0.0
-                    for jp in range(npan):
-                        nr = min(NR, CD - jp * NR)
+                    # panels in groups whose B slices fit in L2 (JB_FLOATS); within a group
+                    # the tile rows outermost, so each output row is written in long runs
+                    jb = max(1, JB_FLOATS // (max(kc, 1) * NR))
+                    for j0 in range(0, npan, jb):
                         for ir in range(0, mc, MR):
                             mr = min(MR, mc - ir)
                             for i in range(MR):
                                 r = ir + min(i, mr - 1)
                                 rows[i] = (rn[r] * DH + dy0 + ds * ri[r]) * DW + dx0 + ds * rj[r]
-                            tile(kc, ap, ir * KC, bp, (jp * K + p0) * NR, dst, rows, mr,
-                                 jp * NR, CD, nr, p0 > 0, scratch)
-                            if last:
-                                epilogue(dst, rows, mr, jp * NR, nr, tid, epi_args)
+                            for jp in range(j0, min(npan, j0 + jb)):
+                                nr = min(NR, CD - jp * NR)
+                                tile(kc, ap, ir * KC, bp, (jp * K + p0) * NR, dst, rows, mr,
+                                     jp * NR, CD, nr, p0 > 0, scratch)
+                                if last:
+                                    epilogue(dst, rows, mr, jp * NR, nr, tid, epi_args)
 
     _igemm_cache[key] = igemm
     return igemm

@@ -23,6 +23,8 @@ array into scalars before vectorizing (scalar vfmadd231ss, ~6 GFLOP/s). Here the
 local variables of a Numba type `f32x8` whose LLVM type is `<8 x float>`; the intrinsics below
 emit vector loads, broadcasts, fma and stores on it, so the accumulators stay in registers. The
 8-lane width legalizes on any target (one ymm on AVX2, two q registers on Arm NEON).
+`tile` and `ukernel` are inlined at the Numba level: as calls, each passed its arrays with
+atomic reference-count updates, and the shared arrays' counters bounced between cores.
 The packed A rows sit a compile-time constant KC floats apart, so the six broadcasts are one
 pointer plus fixed offsets; with a run-time row stride LLVM kept six index registers and the
 kernel lost a fifth of its speed (78 vs 98 GFLOP/s in L1 on one Zen 3 core).
@@ -151,7 +153,7 @@ def prefetch(typingctx, a, i):
     return types.void(a, i), codegen
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, inline="always")
 def ukernel(kc, ap, ai, bp, bi, c, o0, o1, o2, o3, o4, o5, accumulate):
     """One MR x NR tile:  c.flat[o_r : o_r + NR] (+)= sum_p ap[ai + r*KC + p] * bp[bi + p*NR : +NR]
     for rows r = 0..5 (A rows a constant KC apart, so one pointer and fixed offsets address them)."""
@@ -193,7 +195,7 @@ def ukernel(kc, ap, ai, bp, bi, c, o0, o1, o2, o3, o4, o5, accumulate):
     vstore(c, o5, c50); vstore(c, o5 + W, c51)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, inline="always")
 def tile(kc, ap, ai, bp, bi, c, rows, mr, col, ldc, nr, accumulate, scratch):
     """An mr x nr (<= MR x NR) tile of c.flat[rows[r] * ldc + col + j]: the micro-kernel straight
     into c when the tile is full, else into `scratch` (MR*NR floats) and copied out."""
