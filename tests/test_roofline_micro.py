@@ -149,3 +149,15 @@ def test_validation_failure_is_a_clear_error(monkeypatch, capsys):
         st = BNStats(dict(mb=1, ic=8, ih=4, iw=4))
         ins = st.make_inputs(np.random.default_rng(0))
         micro.validate(st, ["broken"], ins, st.allocate_outputs())
+
+
+def test_memory_target_is_byte_weighted_over_big_default_memory_rows():
+    llc = 1000
+    row = dict(threads=1, is_default=True, bound="memory", footprint_bytes=3000, count=1)
+    rows = [dict(row, bytes=300, pct_roofline=90.0),
+            dict(row, bytes=100, count=2, pct_roofline=60.0),          # weight 200
+            dict(row, bytes=900, pct_roofline=10.0, footprint_bytes=1500),  # fits 2x LLC
+            dict(row, bytes=900, pct_roofline=10.0, is_default=False),
+            dict(row, bytes=900, pct_roofline=10.0, bound="compute")]
+    [(t, n, w, pct)] = micro.memory_target(rows, llc)
+    assert (t, n, w) == (1, 2, 500) and pct == pytest.approx((300 * 90 + 200 * 60) / 500)
