@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import os
 
 from harness.args import UserError
@@ -17,7 +18,7 @@ MACHINE_KEYS = ("cpu_model", "cores", "l2_bytes", "l3_bytes", "python", "numpy",
 
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="write results/REPORT.md from the result CSVs",
-                       description="Collect every results/<machine>/bench.csv into one "
+                       description="Collect every results/<machine>/bench.csv (or .csv.gz) into one "
                                    "Markdown report with tables and plots.")
     p.add_argument("--results", default="results", help="results folder (default results)")
     p.add_argument("--out", help="report path (default RESULTS/REPORT.md)")
@@ -25,7 +26,9 @@ def add_parser(sub) -> None:
 
 
 def read_rows(path) -> list:
-    with open(path, newline="") as f:
+    """Rows of a bench CSV, plain or gzipped (results are committed gzipped)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
         rows = list(csv.DictReader(f))
     for r in rows:
         for k in NUMERIC:
@@ -35,7 +38,10 @@ def read_rows(path) -> list:
 
 
 def run(args) -> int:
-    files = sorted(glob.glob(os.path.join(args.results, "*", "bench.csv")))
+    folders = sorted({os.path.dirname(p) for p in
+                      glob.glob(os.path.join(args.results, "*", "bench.csv*"))})
+    files = [os.path.join(d, "bench.csv") if os.path.exists(os.path.join(d, "bench.csv"))
+             else os.path.join(d, "bench.csv.gz") for d in folders]
     if not files:
         raise UserError(f"no {args.results}/<machine>/bench.csv found; run `make bench` first")
     out = args.out or os.path.join(args.results, "REPORT.md")

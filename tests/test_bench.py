@@ -1,5 +1,6 @@
 """`bnff bench` and `bnff report`: CSV contract, memory guard, validation before timing."""
 import csv
+import gzip
 
 import numpy as np
 import pytest
@@ -41,6 +42,12 @@ def test_bench_csv_and_report(tmp_path, capsys):
     assert main(["report", "--results", str(tmp_path)]) == 0
     report = (tmp_path / "REPORT.md").read_text()
     assert "vgg_residual" in report and "speedup.png" in report
+    # committed results are gzipped: the report reads them the same way
+    with open(out, "rb") as f, gzip.open(str(out) + ".gz", "wb") as g:
+        g.write(f.read())
+    out.unlink()
+    assert main(["report", "--results", str(tmp_path)]) == 0
+    assert (tmp_path / "REPORT.md").read_text() == report
 
 
 def test_memory_guard_refuses_before_allocating():
