@@ -13,7 +13,7 @@ Variants (all `f(x, dy, dw, stride, pad)`, dw preallocated [OC, KH, KW, IC]):
 2. blocked: tasks are pixel ranges, each with its own partial dw, rank-1 updates per pixel.
 3. gemm:    per task, for each block of its partial dw that fits in L2, BLIS loops over
             KC-pixel blocks: im2col(x) packed into NR-wide panels (prologue_x applied), dy^T
-            row by row (prologue_dy applied), 6x16 micro-kernel accumulating.
+            into k-major MR-row micro-panels (prologue_dy applied), 6x16 micro-kernel accumulating.
 
 For the fused schedules: `make_conv_backward_weights(prologue_x, prologue_dy)` returns the gemm
 kernel
@@ -31,9 +31,9 @@ from numba import get_num_threads, njit, prange
 from kernels import reference as R
 from kernels.conv_common import (conv_flops, from_ohwi, identity_prologue, stable, tap_groups)
 from kernels.conv_fwd import ConvForward
-from kernels.gemm import KC, MC, MR, NR, tile
+from kernels.gemm import KC, MC, MR, NR, tile_kmajor
 
-CBLOCK = 48 * 1024  # floats of the dw block a task keeps hot (192 KiB of a >= 256 KiB L2)
+BLOCK = 48 * 1024  # floats of the dw block a task keeps hot (192 KiB of a >= 256 KiB L2)
 from kernels.stage import F32, Cost
 
 
@@ -133,7 +133,7 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
         dy1 = dy.reshape(dy.size)
         chunk = (M + nt - 1) // nt
         mcb = min(MC, OC)
-        ncb = max(NR, CBLOCK // mcb // NR * NR)  # the mcb x ncb block of dw stays in L2
+        ncb = max(NR, BLOCK // mcb // NR * NR)  # the mcb x ncb block of dw stays in L2
         for tid in prange(nt):
             c2 = dw.reshape(OC, K) if tid == 0 else part[tid - 1]
             c2[:] = 0.0
@@ -181,21 +181,26 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
                                     if j == NR:
                                         j = 0
                                         o += kc * NR
-                        # A = dy^T[r0:r0+mc, p0:p0+kc] row by row: ap[r * KC + p]
+                        # A = dy^T[r0:r0+mc, p0:p0+kc] k-major in MR-row micro-panels:
+                        # ap[(r // MR)*KC*MR + p*MR + r % MR]
                         for p in range(kc):
                             s = (p0 + p) * OC + r0
-                            for r in range(mc):
-                                i = np.uint64(s + r)
-                                ap[r * KC + p] = prologue_dy(dy1[i], i, np.uint64(r0 + r),
-                                                             pdy_args)
-                        ap[mc * KC:(mc + MR - 1) // MR * MR * KC] = 0.0
+                            for q in range(0, mc, MR):
+                                o = q * KC + p * MR
+                                for r in range(MR):
+                                    if q + r < mc:
+                                        i = np.uint64(s + q + r)
+                                        ap[np.uint64(o + r)] = prologue_dy(
+                                            dy1[i], i, np.uint64(r0 + q + r), pdy_args)
+                                    else:
+                                        ap[np.uint64(o + r)] = 0.0
                         for jp in range((nc + NR - 1) // NR):
                             nr = min(NR, nc - jp * NR)
                             for ir in range(0, mc, MR):
                                 mr = min(MR, mc - ir)
                                 for i in range(MR):
                                     rows[i] = r0 + ir + min(i, mr - 1)
-                                tile(kc, ap, ir * KC, bp, jp * kc * NR, c2, rows, mr,
+                                tile_kmajor(kc, ap, ir * KC, bp, jp * kc * NR, c2, rows, mr,
                                      j0 + jp * NR, K, nr, True, scratch)
         dw2 = dw.reshape(OC, K)
         for r in prange(OC):

@@ -25,9 +25,9 @@ emit vector loads, broadcasts, fma and stores on it, so the accumulators stay in
 8-lane width legalizes on any target (one ymm on AVX2, two q registers on Arm NEON).
 `tile` and `ukernel` are inlined at the Numba level: as calls, each passed its arrays with
 atomic reference-count updates, and the shared arrays' counters bounced between cores.
-The packed A rows sit a compile-time constant KC floats apart, so the six broadcasts are one
-pointer plus fixed offsets; with a run-time row stride LLVM kept six index registers and the
-kernel lost a fifth of its speed (78 vs 98 GFLOP/s in L1 on one Zen 3 core).
+The strides of the packed A are compile-time constants (`make_tile`), so the six broadcasts
+are one pointer plus fixed offsets; with run-time strides LLVM kept six index registers and
+the kernel lost a fifth of its speed (78 vs 98 GFLOP/s in L1 on one Zen 3 core).
 """
 from __future__ import annotations
 
@@ -153,65 +153,74 @@ def prefetch(typingctx, a, i):
     return types.void(a, i), codegen
 
 
-@njit(fastmath=True, cache=True, inline="always")
-def ukernel(kc, ap, ai, bp, bi, c, o0, o1, o2, o3, o4, o5, accumulate):
-    """One MR x NR tile:  c.flat[o_r : o_r + NR] (+)= sum_p ap[ai + r*KC + p] * bp[bi + p*NR : +NR]
-    for rows r = 0..5 (A rows a constant KC apart, so one pointer and fixed offsets address them)."""
-    c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero(); c20 = vzero(); c21 = vzero()
-    c30 = vzero(); c31 = vzero(); c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
-    if accumulate:  # the tile of c is needed after the loop: start fetching it now
-        prefetch(c, o0); prefetch(c, o0 + NR - 1); prefetch(c, o1); prefetch(c, o1 + NR - 1)
-        prefetch(c, o2); prefetch(c, o2 + NR - 1); prefetch(c, o3); prefetch(c, o3 + NR - 1)
-        prefetch(c, o4); prefetch(c, o4 + NR - 1); prefetch(c, o5); prefetch(c, o5 + NR - 1)
-    for _ in range(kc):
-        b0 = vload(bp, bi)
-        b1 = vload(bp, bi + W)
-        a = vbroadcast(ap, ai)
-        c00 = vfma(a, b0, c00); c01 = vfma(a, b1, c01)
-        a = vbroadcast(ap, ai + 1 * KC)
-        c10 = vfma(a, b0, c10); c11 = vfma(a, b1, c11)
-        a = vbroadcast(ap, ai + 2 * KC)
-        c20 = vfma(a, b0, c20); c21 = vfma(a, b1, c21)
-        a = vbroadcast(ap, ai + 3 * KC)
-        c30 = vfma(a, b0, c30); c31 = vfma(a, b1, c31)
-        a = vbroadcast(ap, ai + 4 * KC)
-        c40 = vfma(a, b0, c40); c41 = vfma(a, b1, c41)
-        a = vbroadcast(ap, ai + 5 * KC)
-        c50 = vfma(a, b0, c50); c51 = vfma(a, b1, c51)
-        ai += 1
-        bi += NR
-    if accumulate:
-        c00 = vadd(c00, vload(c, o0)); c01 = vadd(c01, vload(c, o0 + W))
-        c10 = vadd(c10, vload(c, o1)); c11 = vadd(c11, vload(c, o1 + W))
-        c20 = vadd(c20, vload(c, o2)); c21 = vadd(c21, vload(c, o2 + W))
-        c30 = vadd(c30, vload(c, o3)); c31 = vadd(c31, vload(c, o3 + W))
-        c40 = vadd(c40, vload(c, o4)); c41 = vadd(c41, vload(c, o4 + W))
-        c50 = vadd(c50, vload(c, o5)); c51 = vadd(c51, vload(c, o5 + W))
-    vstore(c, o0, c00); vstore(c, o0 + W, c01)
-    vstore(c, o1, c10); vstore(c, o1 + W, c11)
-    vstore(c, o2, c20); vstore(c, o2 + W, c21)
-    vstore(c, o3, c30); vstore(c, o3 + W, c31)
-    vstore(c, o4, c40); vstore(c, o4 + W, c41)
-    vstore(c, o5, c50); vstore(c, o5 + W, c51)
+def make_tile(rs, ps):
+    """The micro-kernel and its edge-tile wrapper for packed A(r, p) = ap[ai + r*rs + p*ps], with
+    the strides compile-time constants (one pointer and fixed offsets address the six rows)."""
+
+    @njit(fastmath=True, inline="always")
+    def ukernel(kc, ap, ai, bp, bi, c, o0, o1, o2, o3, o4, o5, accumulate):
+        """One MR x NR tile, rows r = 0..5:
+        c.flat[o_r : o_r + NR] (+)= sum_p ap[ai + r*rs + p*ps] * bp[bi + p*NR : bi + p*NR + NR]."""
+        c00 = vzero(); c01 = vzero(); c10 = vzero(); c11 = vzero(); c20 = vzero(); c21 = vzero()
+        c30 = vzero(); c31 = vzero(); c40 = vzero(); c41 = vzero(); c50 = vzero(); c51 = vzero()
+        if accumulate:  # the tile of c is needed after the loop: start fetching it now
+            prefetch(c, o0); prefetch(c, o0 + NR - 1); prefetch(c, o1); prefetch(c, o1 + NR - 1)
+            prefetch(c, o2); prefetch(c, o2 + NR - 1); prefetch(c, o3); prefetch(c, o3 + NR - 1)
+            prefetch(c, o4); prefetch(c, o4 + NR - 1); prefetch(c, o5); prefetch(c, o5 + NR - 1)
+        for _ in range(kc):
+            b0 = vload(bp, bi)
+            b1 = vload(bp, bi + W)
+            a = vbroadcast(ap, ai)
+            c00 = vfma(a, b0, c00); c01 = vfma(a, b1, c01)
+            a = vbroadcast(ap, ai + 1 * rs)
+            c10 = vfma(a, b0, c10); c11 = vfma(a, b1, c11)
+            a = vbroadcast(ap, ai + 2 * rs)
+            c20 = vfma(a, b0, c20); c21 = vfma(a, b1, c21)
+            a = vbroadcast(ap, ai + 3 * rs)
+            c30 = vfma(a, b0, c30); c31 = vfma(a, b1, c31)
+            a = vbroadcast(ap, ai + 4 * rs)
+            c40 = vfma(a, b0, c40); c41 = vfma(a, b1, c41)
+            a = vbroadcast(ap, ai + 5 * rs)
+            c50 = vfma(a, b0, c50); c51 = vfma(a, b1, c51)
+            ai += ps
+            bi += NR
+        if accumulate:
+            c00 = vadd(c00, vload(c, o0)); c01 = vadd(c01, vload(c, o0 + W))
+            c10 = vadd(c10, vload(c, o1)); c11 = vadd(c11, vload(c, o1 + W))
+            c20 = vadd(c20, vload(c, o2)); c21 = vadd(c21, vload(c, o2 + W))
+            c30 = vadd(c30, vload(c, o3)); c31 = vadd(c31, vload(c, o3 + W))
+            c40 = vadd(c40, vload(c, o4)); c41 = vadd(c41, vload(c, o4 + W))
+            c50 = vadd(c50, vload(c, o5)); c51 = vadd(c51, vload(c, o5 + W))
+        vstore(c, o0, c00); vstore(c, o0 + W, c01)
+        vstore(c, o1, c10); vstore(c, o1 + W, c11)
+        vstore(c, o2, c20); vstore(c, o2 + W, c21)
+        vstore(c, o3, c30); vstore(c, o3 + W, c31)
+        vstore(c, o4, c40); vstore(c, o4 + W, c41)
+        vstore(c, o5, c50); vstore(c, o5 + W, c51)
+
+    @njit(fastmath=True, inline="always")
+    def tile(kc, ap, ai, bp, bi, c, rows, mr, col, ldc, nr, accumulate, scratch):
+        """An mr x nr (<= MR x NR) tile of c.flat[rows[r] * ldc + col + j]: the micro-kernel
+        straight into c when the tile is full, else into `scratch` (MR*NR floats), copied out."""
+        if mr == MR and nr == NR:
+            ukernel(kc, ap, ai, bp, bi, c, rows[0] * ldc + col, rows[1] * ldc + col,
+                    rows[2] * ldc + col, rows[3] * ldc + col, rows[4] * ldc + col,
+                    rows[5] * ldc + col, accumulate)
+            return
+        ukernel(kc, ap, ai, bp, bi, scratch, 0, NR, 2 * NR, 3 * NR, 4 * NR, 5 * NR, False)
+        for r in range(mr):
+            o = rows[r] * ldc + col
+            for j in range(nr):
+                if accumulate:
+                    c.flat[o + j] += scratch[r * NR + j]
+                else:
+                    c.flat[o + j] = scratch[r * NR + j]
+
+    return tile
 
 
-@njit(fastmath=True, cache=True, inline="always")
-def tile(kc, ap, ai, bp, bi, c, rows, mr, col, ldc, nr, accumulate, scratch):
-    """An mr x nr (<= MR x NR) tile of c.flat[rows[r] * ldc + col + j]: the micro-kernel straight
-    into c when the tile is full, else into `scratch` (MR*NR floats) and copied out."""
-    if mr == MR and nr == NR:
-        ukernel(kc, ap, ai, bp, bi, c, rows[0] * ldc + col, rows[1] * ldc + col,
-                rows[2] * ldc + col, rows[3] * ldc + col, rows[4] * ldc + col,
-                rows[5] * ldc + col, accumulate)
-        return
-    ukernel(kc, ap, ai, bp, bi, scratch, 0, NR, 2 * NR, 3 * NR, 4 * NR, 5 * NR, False)
-    for r in range(mr):
-        o = rows[r] * ldc + col
-        for j in range(nr):
-            if accumulate:
-                c.flat[o + j] += scratch[r * NR + j]
-            else:
-                c.flat[o + j] = scratch[r * NR + j]
+tile = make_tile(KC, 1)          # A packed row by row, rows KC apart (conv forward, backward-data)
+tile_kmajor = make_tile(1, MR)   # A packed k-major in MR-row micro-panels (conv backward-weights)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
