@@ -31,7 +31,7 @@ from numba import get_num_threads, njit, prange
 
 from kernels import reference as R
 from kernels.conv_common import (conv_flops, from_ohwi, identity_epilogue, identity_prologue,
-                                 make_igemm, out_size, tap_groups)
+                                 make_igemm, tap_groups)
 from kernels.conv_fwd import ConvForward
 from kernels.gemm import NR
 from kernels.stage import F32, Cost

@@ -29,7 +29,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from kernels import reference as R
-from kernels.conv_common import (conv_flops, from_ohwi, identity_prologue, stable, tap_groups)
+from kernels.conv_common import conv_flops, identity_prologue, stable, tap_groups
 from kernels.conv_fwd import ConvForward
 from kernels.gemm import KC, MC, MR, NR, tile_kmajor
 

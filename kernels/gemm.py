@@ -246,10 +246,10 @@ def pack_a(a, r0, mc, p0, kc, ap):
     ap[mc * KC:(mc + MR - 1) // MR * MR * KC] = 0.0
 
 
-def row_blocks(m: int, nthreads: int, mc: int = MC) -> int:
-    """Number of row blocks of at most ~mc rows, a multiple of nthreads so the tasks balance."""
-    nb = -(-m // mc)
-    return max(1, -(-nb // nthreads) * nthreads) if m >= nthreads * MR else max(1, -(-m // MR))
+def row_blocks(m: int, nthreads: int) -> int:
+    """Number of row blocks of at most about MC rows, a multiple of nthreads so tasks balance."""
+    nb = -(-m // MC)
+    return -(-nb // nthreads) * nthreads
 
 
 @njit(parallel=True, fastmath=True, cache=True)
