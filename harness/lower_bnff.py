@@ -35,11 +35,12 @@ class SplitLowering(Lowering):
               pass; sub-BN2 (a*x + b) with the ReLU in the prologue of the conv consuming the
               site, else one pass writing z (or, at a ResNet block end, z = ReLU(a*x + b +
               shortcut) written once).
-    backward  the consuming conv's backward-data writes dy = dz * [a*x + b > 0] and sums dy
-              and dy*x per channel in its epilogue, else one pass does; the producing conv's
-              backward kernels form dx = a*dy + p*x + q in their prologue, else one pass
-              writes dx. The consuming conv's backward-weights recomputes z from x in its
-              prologue whenever z was not written.
+    backward  the consuming conv's backward-data epilogue sums dy = dz * [a*x + b > 0] and
+              dy*x per channel (leaving dz as written), else one pass writes dy with the
+              sums; the producing conv's backward kernels form dx = a*dy + p*x + q in their
+              prologue (applying the mask to dz), else one pass writes dx. The consuming
+              conv's backward-weights recomputes z from x in its prologue whenever z was not
+              written.
     """
 
     def __init__(self, *args):
@@ -88,6 +89,11 @@ class SplitLowering(Lowering):
 
     def dx_in_prologue(self, s):
         return self.opt.fuse_backward and self.stats_in_epilogue(s)
+
+    def unmasked(self, s):
+        """dy:<bn> holds dz, not dz * mask: the consuming conv's backward-data epilogue only
+        summed it (stores from an epilogue are slow), and readers apply the mask."""
+        return self.sums_in_epilogue(s) and s.relu is not None
 
     def vec(self, s, name, shape=None, dtype=np.float32):
         full = f"{s.bn.name}.{name}"
@@ -191,8 +197,10 @@ class SplitLowering(Lowering):
         dy, pro_dy, pdy_args = R(f"d:{n.name}"), None, ()
         t = self.by_x.get(n.name)
         if t is not None and self.dx_in_prologue(t):
-            dy, pro_dy = R(self.dy_of(t)), "bn_grad"
-            pdy_args = (R(t.x),) + tuple(R(self.vec(t, v)) for v in ("ga", "gp", "gq"))
+            dy = R(self.dy_of(t))
+            mask = tuple(R(self.vec(t, v)) for v in ("a", "b")) if self.unmasked(t) else ()
+            pro_dy = "bn_relu_grad" if mask else "bn_grad"
+            pdy_args = (R(t.x),) + mask + tuple(R(self.vec(t, v)) for v in ("ga", "gp", "gq"))
         # the input: x, or z recomputed from the pre-BN tensor when z was never written
         src, pro_x, px_args = x, None, ()
         s = self.by_out.get(x)
@@ -208,7 +216,7 @@ class SplitLowering(Lowering):
             parts = tuple(W(self.vec(s, v, fo.partials_shape(c), np.float64))
                           for v in ("bs1", "bs2"))
             if s.relu:
-                epi = "relu_mask_sums"
+                epi = "relu_sums"
                 epi_args = (R(s.x), R(self.vec(s, "a")), R(self.vec(s, "b"))) + parts
             else:
                 epi, epi_args = "sums", (R(s.x),) + parts
@@ -250,8 +258,13 @@ class SplitLowering(Lowering):
         if self.dx_in_prologue(s):
             return
         g = tuple(R(self.vec(s, v)) for v in ("ga", "gp", "gq"))
-        self.contribute(n, "dx", "bn", s.x, lambda d, acc: fo.bn_dx_call(
-            R(self.dy_of(s)), R(s.x), *g, d, shape, acc), native=True)
+        if self.unmasked(s):
+            ab = tuple(R(self.vec(s, v)) for v in ("a", "b"))
+            self.contribute(n, "dx", "bn", s.x, lambda d, acc: fo.bn_relu_dx_call(
+                R(self.dy_of(s)), R(s.x), *ab, *g, d, shape, acc), native=True)
+        else:
+            self.contribute(n, "dx", "bn", s.x, lambda d, acc: fo.bn_dx_call(
+                R(self.dy_of(s)), R(s.x), *g, d, shape, acc), native=True)
 
     def end_backward(self, relu, add):
         """dA = dz * [z > 0] once, with the sums of the BN(s) feeding the add; the shortcut

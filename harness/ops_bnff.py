@@ -101,26 +101,36 @@ def bn_dx_call(dy, x, a, p, q, dx, shape, accumulate):
     return _view(fn, shape[3]), (dy, x, a, p, q, dx), cost
 
 
+def bn_relu_dx_call(dz, x, af, bf, a, p, q, dx, shape, accumulate):
+    """dx from an unmasked dz: the ReLU mask [af*x + bf > 0] applied on the fly."""
+    _, cost = _fused("BNReLUDx", shape)
+    fn = bn_fused.bn_relu_dx_add if accumulate else bn_fused.bn_relu_dx
+    if accumulate:
+        cost = cost + Cost(int(np.prod(shape)), int(np.prod(shape)) * F32, 0)
+    return _view(fn, shape[3]), (dz, x, af, bf, a, p, q, dx), cost
+
+
 PROLOGUES = {None: conv_common.identity_prologue, "bn": bnff_hooks.bn_prologue,
-             "bn_relu": conv_common.bn_relu_prologue, "bn_grad": conv_common.bn_grad_prologue}
+             "bn_relu": conv_common.bn_relu_prologue, "bn_grad": conv_common.bn_grad_prologue,
+             "bn_relu_grad": bnff_hooks.bn_relu_grad_prologue}
 EPILOGUES = {None: conv_common.identity_epilogue, "stats": conv_common.channel_sums_epilogue,
-             "relu_mask_sums": bnff_hooks.relu_mask_sums_epilogue,
-             "sums": bnff_hooks.sums_epilogue}
+             "relu_sums": bnff_hooks.relu_sums_epilogue, "sums": bnff_hooks.sums_epilogue}
+READS_X = ("bn_grad", "bn_relu_grad", "relu_sums", "sums")  # hooks reading the pre-BN tensor
 
 
 def _hook_args(kind, arrays):
     """The hook's args tuple from the step's arrays: bn_grad indexes its pre-BN tensor flat,
     the epilogues as an [M, C] view (conv_common, bnff_hooks)."""
-    if kind == "bn_grad":
+    if kind in ("bn_grad", "bn_relu_grad"):
         return (arrays[0].reshape(-1),) + tuple(arrays[1:])
-    if kind in ("relu_mask_sums", "sums"):
+    if kind in ("relu_sums", "sums"):
         return (arrays[0].reshape(-1, arrays[0].shape[-1]),) + tuple(arrays[1:])
     return tuple(arrays)
 
 
 def _hook_bytes(kind, shape):
     """Main-memory bytes a hook adds: the pre-BN tensor it reads beside the conv's operand."""
-    return int(np.prod(shape)) * F32 if kind in ("bn_grad", "relu_mask_sums", "sums") else 0
+    return int(np.prod(shape)) * F32 if kind in READS_X else 0
 
 
 def conv_fwd_fused_call(x, w, y, xs, node, pro, pro_args, epi, epi_args):
@@ -142,8 +152,9 @@ def conv_fwd_fused_call(x, w, y, xs, node, pro, pro_args, epi, epi_args):
 
 def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args):
     """Conv backward-data forming its incoming gradient in the prologue (pro = bn_grad,
-    pro_args = (x', a, p, q)) and/or masking its output and summing it per channel in the
-    epilogue (epi = relu_mask_sums, epi_args = (x, a, b, s1, s2); or sums: (x, s1, s2))."""
+    pro_args = (x', a, p, q), or bn_relu_grad, (x', af, bf, a, p, q)) and/or summing its
+    masked output per channel in the epilogue (epi = relu_sums, epi_args = (x, a, b, s1, s2);
+    or sums: (x, s1, s2)); the output itself is left as computed."""
     kernel = conv_bwd_data.make_conv_backward_data(PROLOGUES[pro], EPILOGUES[epi])
     _, cost = _default(conv_bwd_data.ConvBackwardData, _conv(xs, node))
     ys = _conv_out(xs, node)

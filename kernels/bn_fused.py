@@ -37,6 +37,8 @@ float32 [C]; s1, s2 float64; outputs last, written; DX of bn_dx_add read and wri
     bn_backward_coefficients(s1, s2, mean, var, gamma, eps, m, dgamma, dbeta, a, p, q)
     bn_dx(DY, X, a, p, q, DX)
     bn_dx_add(DY, X, a, p, q, DX)
+    bn_relu_dx(DZ, X, af, bf, a, p, q, DX)       dy = dz * [af*x + bf > 0] formed on the fly
+    bn_relu_dx_add(DZ, X, af, bf, a, p, q, DX)   (dz left unmasked by a store-free epilogue)
 
 Each Stage below runs its kernel after the O(C) coefficient function it needs, so it takes the
 same per-channel inputs (mean, var, gamma, beta) as the unfused stages and its reference is the
@@ -260,6 +262,32 @@ def bn_dx_add(DY, X, a, p, q, DX):
         for r in range(r0, r1):
             for j in range(c):
                 DX[r, j] += a[j] * DY[r, j] + p[j] * X[r, j] + q[j]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def bn_relu_dx(DZ, X, af, bf, a, p, q, DX):
+    """DX = a*DZ*[af*X + bf > 0] + p*X + q: reads DZ and X, writes DX."""
+    m, c = X.shape
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for r in range(r0, r1):
+            for j in range(c):
+                xv = X[r, j]
+                g = DZ[r, j] if af[j] * xv + bf[j] > 0 else np.float32(0.0)
+                DX[r, j] = a[j] * g + p[j] * xv + q[j]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def bn_relu_dx_add(DZ, X, af, bf, a, p, q, DX):
+    """DX += a*DZ*[af*X + bf > 0] + p*X + q: reads DZ, X and DX, writes DX."""
+    m, c = X.shape
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for r in range(r0, r1):
+            for j in range(c):
+                xv = X[r, j]
+                g = DZ[r, j] if af[j] * xv + bf[j] > 0 else np.float32(0.0)
+                DX[r, j] += a[j] * g + p[j] * xv + q[j]
 
 
 # --- stages -----------------------------------------------------------------------------------
@@ -606,5 +634,48 @@ class BNDxAdd(BNDx):
         return self._cost(5, 3, 1, vec_reads=3 * F32 + 2 * F64, vec_writes=5 * F32)
 
 
+class BNReLUDx(_Fused):
+    """BN+ReLU's input gradient from an unmasked dz (bnff's store-free backward-data
+    epilogue leaves dz as the conv wrote it): dx = a*dz*[a*x + b > 0] + p*x + q. Inputs dz, x,
+    mean, var, gamma, beta, and s1, s2 of the masked dy; outputs dx, dgamma, dbeta."""
+
+    name = "bn_relu_dx"
+    variants = {"fused": bn_relu_dx}
+    default = "fused"
+
+    def make_inputs(self, rng):
+        i = self._x(rng)
+        i["dz"] = rng.standard_normal(self._act(), dtype=np.float32)
+        a, b = self._coefficients(i)
+        dy = i["dz"] * (i["x"] * a + b > 0)
+        i.update(_sums(_nchw64(dy), _nchw64(i["x"])))
+        return i
+
+    def allocate_outputs(self):
+        c = self.shape["ic"]
+        out = {"dx": np.empty(self._act(), np.float32)}
+        out.update({k: np.empty(c, np.float32) for k in ("dgamma", "dbeta", "a", "p", "q")})
+        return out
+
+    def run(self, variant, inputs, outputs):
+        m, c = self._size()
+        i, o = inputs, outputs
+        af, bf = self._coefficients(i)
+        bn_backward_coefficients(i["s1"], i["s2"], i["mean"], i["var"], i["gamma"], self.eps, m,
+                                 o["dgamma"], o["dbeta"], o["a"], o["p"], o["q"])
+        self.variants[variant](i["dz"].reshape(m, c), i["x"].reshape(m, c), af, bf, o["a"],
+                               o["p"], o["q"], o["dx"].reshape(m, c))
+
+    def reference(self, inputs):
+        g = lambda k: inputs[k].astype(np.float64)
+        y, cache = ref.batchnorm_forward(_nchw64(inputs["x"]), g("gamma"), g("beta"), self.eps)
+        dy = ref.relu_backward(_nchw64(inputs["dz"]), y)
+        dx, dgamma, dbeta = ref.batchnorm_backward(dy, g("gamma"), cache)
+        return {"dx": _nhwc(dx), "dgamma": dgamma, "dbeta": dbeta}
+
+    def cost(self, variant):
+        return self._cost(6, 2, 1, vec_reads=5 * F32 + 2 * F64, vec_writes=5 * F32)
+
+
 STAGES = [BNReLU, BNAddReLU, BN2AddReLU, StatsFromSums, ReLUMaskSums, ReLUMaskSumsZ, DYSums,
-          BNDx, BNDxAdd]
+          BNDx, BNDxAdd, BNReLUDx]

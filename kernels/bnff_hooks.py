@@ -9,8 +9,15 @@ in bn_fused's docstring):
         dy = dz * [a*x + b > 0] back into dst and adds s1[tid, c] += dy, s2[tid, c] += dy * x.
     sums_epilogue(dst, rows, mr, c0, nc, tid, args)       args = (x, s1, s2)
         the same without the mask (BN followed by a conv without ReLU): s1 += dst, s2 += dst*x.
+    relu_sums_epilogue(dst, rows, mr, c0, nc, tid, args)  args = (x, a, b, s1, s2)
+        the sums of dy = dz * [a*x + b > 0] without storing anything per element: dst keeps dz,
+        and whoever reads it applies the mask (bn_relu_grad_prologue, bn_fused.bn_relu_dx).
+        Per-element stores from an epilogue cost about 5 ns each in the conv engine, more
+        than the pass they replace; sums kept in registers cost little.
+    bn_relu_grad_prologue(v, idx, c, args)                args = (x, af, bf, a, p, q)
+        dx = a[c] * v * [af[c]*x + bf[c] > 0] + p[c]*x + q[c] as a conv loads v = dz.
 
-x is the pre-BN tensor as an [M, C] view (M = N*H*W pixels of dst, C = dst.shape[3]): row
+x is the pre-BN tensor as an [M, C] view in the epilogues (flat in the prologue) (M = N*H*W pixels of dst, C = dst.shape[3]): row
 rows[r] holds dst's pixel rows[r], so a C-contiguous x.reshape(M, C) and a channel slice of a
 wider buffer (DenseNet's block buffer, buf[:, :C]) both work without index arithmetic.
 s1, s2 are float64 [ntasks, C]; the caller zeroes them and merges them over tasks
@@ -60,3 +67,35 @@ def sums_epilogue(dst, rows, mr, c0, nc, tid, args):
             g = np.float64(d[p, c])
             s1[tid, c] += g
             s2[tid, c] += g * x[p, c]
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def relu_sums_epilogue(dst, rows, mr, c0, nc, tid, args):
+    """Per-task float64 s1 += dz * [a*x + b > 0], s2 += that * x, from registers; dst unchanged."""
+    x, a, b, s1, s2 = args
+    C = dst.shape[3]
+    d = dst.reshape(dst.size)
+    for j in range(nc):
+        c = c0 + j
+        ac = a[c]
+        bc = b[c]
+        a1 = 0.0
+        a2 = 0.0
+        for r in range(mr):
+            p = rows[r]
+            xv = x[p, c]
+            g = np.float64(d[p * C + c]) if ac * xv + bc > 0 else 0.0
+            a1 += g
+            a2 += g * xv
+        s1[tid, c] += a1
+        s2[tid, c] += a2
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def bn_relu_grad_prologue(v, idx, c, args):
+    """dx = a[c] * dz * [af[c]*x + bf[c] > 0] + p[c]*x + q[c]: the ReLU mask and the BN input
+    gradient formed as the conv loads dz; x flat, same shape as dz."""
+    x, af, bf, a, p, q = args
+    xv = x[idx]
+    g = v if af[c] * xv + bf[c] > 0 else np.float32(0.0)
+    return a[c] * g + p[c] * xv + q[c]

@@ -10,11 +10,12 @@ from kernels.add import Add
 from kernels.bn_backward import BNBackward
 from kernels.bn_normalize import BNNormalize, normalize_affine
 from kernels.bn_stats import BNStats
-from kernels.bnff_hooks import bn_prologue, relu_mask_sums_epilogue, sums_epilogue
+from kernels.bnff_hooks import (bn_prologue, bn_relu_grad_prologue, relu_mask_sums_epilogue,
+                                 relu_sums_epilogue, sums_epilogue)
 from kernels.conv_bwd_data import conv_backward_data, make_conv_backward_data
 from kernels.conv_bwd_weights import conv_backward_weights, make_conv_backward_weights
 from kernels.conv_common import (bn_grad_prologue, bn_relu_prologue, channel_sums_epilogue,
-                                 identity_prologue, out_size)
+                                 identity_epilogue, identity_prologue, out_size)
 from kernels.conv_fwd import conv_forward, make_conv_forward
 from kernels.relu import ReLUBackward, ReLUForward
 
@@ -244,6 +245,42 @@ def test_backward_data_epilogue(shape, ntasks, relu):
     _close(s2.sum(0), w2)
 
 
+@pytest.mark.parametrize("shape", HOOK_SHAPES, ids=HOOK_IDS)
+def test_store_free_backward(shape):
+    """bnff's store-free pair: conv_bwd_data with relu_sums_epilogue leaves dz unmasked and
+    sums dz*mask; bn_relu_grad_prologue in the producer's backward (and bn_relu_dx where the
+    producer is no conv) applies the mask: both == relu_mask_sums then bn_dx."""
+    rng, x, a, b, w, yshape = _conv_case(shape, 9)
+    ic = shape[0]
+    dy2 = rng.standard_normal(yshape, dtype=np.float32)
+    dz = np.empty(x.shape, np.float32)
+    conv_backward_data(dy2, w, dz, shape[3], shape[4])
+    dy, w1, w2 = np.empty_like(dz), np.empty(ic), np.empty(ic)
+    F.relu_mask_sums(_flat(dz), _flat(x), a, b, _flat(dy), w1, w2)
+    got = np.full(x.shape, np.nan, np.float32)
+    s1, s2 = np.zeros((2, ic)), np.zeros((2, ic))
+    make_conv_backward_data(identity_prologue, relu_sums_epilogue)(
+        dy2, w, got, shape[3], shape[4], (), (_flat(x), a, b, s1, s2), 2)
+    np.testing.assert_array_equal(got, dz)
+    _close(s1.sum(0), w1)
+    _close(s2.sum(0), w2)
+    ga, gp = _coeffs(rng, ic)
+    gq = rng.uniform(-1, 1, ic).astype(np.float32)
+    want_dx = np.empty_like(dz)
+    F.bn_dx(_flat(dy), _flat(x), ga, gp, gq, _flat(want_dx))
+    dx = np.full(x.shape, np.nan, np.float32)
+    F.bn_relu_dx(_flat(dz), _flat(x), a, b, ga, gp, gq, _flat(dx))
+    _close(dx, want_dx)
+    # the producer's backward-data with the masking prologue == with the plain one on dx
+    w0 = (rng.standard_normal((ic, 3, 3, 5)) / np.sqrt(ic * 9)).astype(np.float32)
+    xin = np.empty(x.shape[:3] + (5,), np.float32)
+    want_in = np.empty_like(xin)
+    conv_backward_data(want_dx, w0, want_in, 1, 1)
+    make_conv_backward_data(bn_relu_grad_prologue, identity_epilogue)(
+        dz, w0, xin, 1, 1, (x.reshape(-1), a, b, ga, gp, gq), (), 2)
+    _close(xin, want_in)
+
+
 @pytest.mark.parametrize("relu", [True, False], ids=["relu_mask_sums", "sums"])
 def test_backward_data_epilogue_on_channel_slice(relu):
     """DenseNet: the pre-BN x of the epilogues is the channel prefix of the block buffer."""
@@ -320,6 +357,7 @@ def test_fused_stage_bytes_exact():
         F.DYSums: (2 * S, 2 * 64 * 8),
         F.BNDx: (2 * S + 3 * V + 2 * 64 * 8, S + 5 * V),
         F.BNDxAdd: (3 * S + 3 * V + 2 * 64 * 8, S + 5 * V),
+        F.BNReLUDx: (2 * S + 5 * V + 2 * 64 * 8, S + 5 * V),
     }
     assert set(want) == set(F.STAGES)
     for cls, (r, w) in want.items():
