@@ -206,7 +206,7 @@ def select(items: list, stage: str | None, variant: str | None, descriptor: str 
 
 
 def reproducer(args, st, variant, threads) -> str:
-    return (f"flock -x /tmp/bnff.lock bnff micro {args.network} --batch {args.batch} "
+    return (f"bnff micro {args.network} --batch {args.batch} "
             f"--image {args.image} --threads {threads} --stage {st.name} --variant {variant} "
             f"--descriptor {st.descriptor()}")
 
@@ -272,8 +272,8 @@ def add_parser(sub) -> None:
                        description="Time every distinct (stage, shape) of one training iteration "
                                    "of NET, convs included, each variant validated against the "
                                    "float64 reference first; roofline figures are measured in "
-                                   "the same run. Run it alone: flock -x /tmp/bnff.lock bnff "
-                                   "micro resnet50 --batch 16 --image 224 --threads 1,2 "
+                                   "the same run. Run it with nothing else busy on the machine. "
+                                   "Example: bnff micro resnet50 --batch 16 --image 224 --threads 1,2 "
                                    "--variant default --csv micro.csv")
     add_network_args(p)
     p.add_argument("--threads", type=thread_list, default=None,

@@ -188,8 +188,8 @@ def add_parser(sub) -> None:
                        description="Measure this machine's limits per thread count: STREAM copy, "
                                    "scale, add and triad (Numba, parallel, arrays of 8x the LLC "
                                    "by default), FMA peak GFLOP/s and numpy sgemm GFLOP/s with "
-                                   "BLAS limited to the same thread count. Run it alone: "
-                                   "flock -x /tmp/bnff.lock bnff roofline")
+                                   "BLAS limited to the same thread count. Run it with nothing "
+                                   "else busy on the machine.")
     p.add_argument("--threads", type=thread_list, default=None,
                    help="thread counts, e.g. 1,2 or 1-4 or all (default all)")
     p.add_argument("--csv", metavar="FILE", help="append one row per thread count to FILE")
