@@ -6,7 +6,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from harness.ops import _conv, _default, _dims, _view
+from harness.ops import conv_shape, default_kernel, dims, on_view
 from kernels import (bn_fused, bn_scale, bn_stats, bnff_hooks, conv_bwd_data,
                      conv_bwd_weights, conv_common, conv_fwd)
 from kernels.stage import F32, Cost
@@ -20,7 +20,7 @@ def partials_shape(c):
 def stats_coeffs_call(x, mean, var, gamma, beta, a, b, eps, shape):
     """Sub-BN1 as its own pass (a producer that is not a conv): one stable pass over x for
     mean and var, then a = gamma * inv, b = beta - mean * a."""
-    stats, cost = _default(bn_stats.BNStats, _dims(shape))
+    stats, cost = default_kernel(bn_stats.BNStats, dims(shape))
     c = shape[3]
 
     def fn(x, mean, var, gamma, beta, a, b):
@@ -56,49 +56,49 @@ def finalize_grads_call(s1, s2, mean, var, gamma, dgamma, dbeta, a, p, q, eps, s
 
 
 def _fused(stage, shape):
-    st = getattr(bn_fused, stage)(_dims(shape))
+    st = getattr(bn_fused, stage)(dims(shape))
     return st.variants[st.default], st.cost(st.default)
 
 
 def normalize_relu_call(x, a, b, y, shape):
     fn, cost = _fused("BNReLU", shape)
-    return _view(fn, shape[3]), (x, a, b, y), cost
+    return on_view(fn, shape[3]), (x, a, b, y), cost
 
 
 def normalize_call(x, a, b, y, shape):
     """y = a*x + b with the coefficients already made (a BN not followed by a ReLU)."""
-    fn, cost = _default(bn_scale.BNScale, _dims(shape))
-    return _view(fn, shape[3]), (x, a, b, y), cost
+    fn, cost = default_kernel(bn_scale.BNScale, dims(shape))
+    return on_view(fn, shape[3]), (x, a, b, y), cost
 
 
 def normalize_add_relu_call(x, a, b, s, y, shape):
     fn, cost = _fused("BNAddReLU", shape)
-    return _view(fn, shape[3]), (x, a, b, s, y), cost
+    return on_view(fn, shape[3]), (x, a, b, s, y), cost
 
 
 def normalize2_add_relu_call(x1, a1, b1, x2, a2, b2, y, shape):
     fn, cost = _fused("BN2AddReLU", shape)
-    return _view(fn, shape[3]), (x1, a1, b1, x2, a2, b2, y), cost
+    return on_view(fn, shape[3]), (x1, a1, b1, x2, a2, b2, y), cost
 
 
 def relu_mask_sums_call(dz, x, a, b, dy, s1, s2, shape):
     fn, cost = _fused("ReLUMaskSums", shape)
-    return _view(fn, shape[3]), (dz, x, a, b, dy, s1, s2), cost
+    return on_view(fn, shape[3]), (dz, x, a, b, dy, s1, s2), cost
 
 
 def relu_mask_sums_z_call(dz, z, x, dy, s1, s2, shape):
     fn, cost = _fused("ReLUMaskSumsZ", shape)
-    return _view(fn, shape[3]), (dz, z, x, dy, s1, s2), cost
+    return on_view(fn, shape[3]), (dz, z, x, dy, s1, s2), cost
 
 
 def dy_sums_call(dy, x, s1, s2, shape):
     fn, cost = _fused("DYSums", shape)
-    return _view(fn, shape[3]), (dy, x, s1, s2), cost
+    return on_view(fn, shape[3]), (dy, x, s1, s2), cost
 
 
 def bn_dx_call(dy, x, a, p, q, dx, shape, accumulate):
     fn, cost = _fused("BNDxAdd" if accumulate else "BNDx", shape)
-    return _view(fn, shape[3]), (dy, x, a, p, q, dx), cost
+    return on_view(fn, shape[3]), (dy, x, a, p, q, dx), cost
 
 
 def bn_relu_dx_call(dz, x, af, bf, a, p, q, dx, shape, accumulate):
@@ -107,7 +107,7 @@ def bn_relu_dx_call(dz, x, af, bf, a, p, q, dx, shape, accumulate):
     fn = bn_fused.bn_relu_dx_add if accumulate else bn_fused.bn_relu_dx
     if accumulate:
         cost = cost + Cost(int(np.prod(shape)), int(np.prod(shape)) * F32, 0)
-    return _view(fn, shape[3]), (dz, x, af, bf, a, p, q, dx), cost
+    return on_view(fn, shape[3]), (dz, x, af, bf, a, p, q, dx), cost
 
 
 PROLOGUES = {None: conv_common.identity_prologue, "bn": bnff_hooks.bn_prologue,
@@ -138,7 +138,7 @@ def conv_fwd_fused_call(x, w, y, xs, node, pro, pro_args, epi, epi_args):
     x is then the pre-BN tensor) and/or BN statistics of its output in the epilogue
     (epi_args = per-task partial sums s1, s2, zeroed here)."""
     kernel = conv_fwd.make_conv_forward(PROLOGUES[pro], EPILOGUES[epi])
-    _, cost = _default(conv_fwd.ConvForward, _conv(xs, node))
+    _, cost = default_kernel(conv_fwd.ConvForward, conv_shape(xs, node))
     s, p, npro = node["stride"], node["padding"], len(pro_args)
 
     def fn(x, w, y, *hooks):
@@ -156,8 +156,8 @@ def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args):
     masked output per channel in the epilogue (epi = relu_sums, epi_args = (x, a, b, s1, s2);
     or sums: (x, s1, s2)); the output itself is left as computed."""
     kernel = conv_bwd_data.make_conv_backward_data(PROLOGUES[pro], EPILOGUES[epi])
-    _, cost = _default(conv_bwd_data.ConvBackwardData, _conv(xs, node))
-    ys = _conv_out(xs, node)
+    _, cost = default_kernel(conv_bwd_data.ConvBackwardData, conv_shape(xs, node))
+    ys = conv_out_shape(xs, node)
     cost = cost + Cost(0, _hook_bytes(pro, ys) + _hook_bytes(epi, xs), 0)
     s, p, npro = node["stride"], node["padding"], len(pro_args)
 
@@ -174,8 +174,8 @@ def conv_bwd_weights_fused_call(x, dy, dw, xs, node, pro_x, px_args, pro_dy, pdy
     """Conv backward-weights recomputing its input in one prologue (normalize+ReLU of the
     pre-BN tensor) and forming its incoming gradient in the other (bn_grad)."""
     kernel = conv_bwd_weights.make_conv_backward_weights(PROLOGUES[pro_x], PROLOGUES[pro_dy])
-    _, cost = _default(conv_bwd_weights.ConvBackwardWeights, _conv(xs, node))
-    cost = cost + Cost(0, _hook_bytes(pro_dy, _conv_out(xs, node)), 0)
+    _, cost = default_kernel(conv_bwd_weights.ConvBackwardWeights, conv_shape(xs, node))
+    cost = cost + Cost(0, _hook_bytes(pro_dy, conv_out_shape(xs, node)), 0)
     s, p, nx = node["stride"], node["padding"], len(px_args)
 
     def fn(x, dy, dw, *hooks):
@@ -184,7 +184,7 @@ def conv_bwd_weights_fused_call(x, dy, dw, xs, node, pro_x, px_args, pro_dy, pdy
     return fn, (x, dy, dw) + tuple(px_args) + tuple(pdy_args), cost
 
 
-def _conv_out(xs, node):
+def conv_out_shape(xs, node):
     n, h, w, _ = xs
     o = lambda i: conv_common.out_size(i, node["kernel"], node["stride"], node["padding"])
     return (n, o(h), o(w), node["out_channels"])
