@@ -38,6 +38,7 @@ from harness.machine import append_csv, llc_bytes, machine_info
 from kernels.add import Add
 from kernels.bn_backward import BNBackward
 from kernels.bn_normalize import BNNormalize
+from kernels.bn_fused import BN2AddReLU, BNAddReLU, BNDx, BNReLU, BNReLUDx, ReLUMaskSums
 from kernels.bn_stats import BNStats
 from kernels.concat import ConcatBackward, ConcatForward
 from kernels.linear import LinearBackward, LinearForward
@@ -104,7 +105,8 @@ def stages_of(graph, batch: int, image: int) -> list:
                 raise UserError(f"node {node.name}: training-mode batch norm needs more than one "
                                 f"value per channel, got {shapes[x]}; use a larger --batch "
                                 "or --image")
-            for cls in (BNStats, BNNormalize, BNBackward):
+            for cls in (BNStats, BNNormalize, BNBackward,  # unfused, then the split schedules'
+                        BNReLU, ReLUMaskSums, BNDx, BNReLUDx):
                 add(cls, act(x))
         elif node.op == "relu":
             add(ReLUForward, act(x))
@@ -127,6 +129,9 @@ def stages_of(graph, batch: int, image: int) -> list:
             add(ConcatBackward, shape)
         elif node.op == "add":
             add(Add, act(x))
+            bns = sum(graph.by_name[i].op == "batchnorm" for i in node.inputs if i != INPUT)
+            if bns:  # a ResNet block end, written once by the split schedules
+                add(BN2AddReLU if bns == 2 else BNAddReLU, act(x))
         elif node.op == "linear":
             shape = dict(mb=shapes[x][0], ic=shapes[x][1], oc=node["out_features"])
             add(LinearForward, shape)

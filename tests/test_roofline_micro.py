@@ -84,6 +84,9 @@ def test_stages_of_is_deduplicated_and_counted():
             "maxpool_fwd", "gap_fwd", "linear_fwd", "linear_bwd", "softmax_xent"} <= names
     bn = sum(c for st, c in items if st.name == "bn_stats")
     assert bn == sum(1 for n in g.nodes if n.op == "batchnorm")
+    assert {"bn_relu", "relu_mask_sums", "bn_dx", "bn_relu_dx", "bn_add_relu",
+            "bn2_add_relu"} <= names  # the fused stages beside the unfused ones
+    assert sum(c for st, c in items if st.name == "bn_relu") == bn
     relu = sum(c for st, c in items if st.name == "relu_fwd")
     assert relu == sum(1 for n in g.nodes if n.op == "relu")
 
