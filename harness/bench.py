@@ -4,6 +4,7 @@ before it is timed; a warm-up iteration compiles, and its excess over the median
 as compile time; repeats interleave the schedules so machine drift hits them alike."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections import defaultdict
@@ -13,7 +14,7 @@ import psutil
 from tabulate import tabulate
 from tqdm import tqdm
 
-from harness.args import UserError, add_network_args, positive_int, thread_list
+from harness.args import UserError, positive_int, thread_list
 from harness.check import max_rel_grad_diff
 from harness.executor import Executor
 from harness.machine import append_csv, machine_info
@@ -53,7 +54,6 @@ def _schedule_list(text):
     names = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in names if s not in FLOAT32]
     if bad or not names:
-        import argparse
         raise argparse.ArgumentTypeError(
             f"unknown schedule(s) {', '.join(bad) or text!r}; known: {', '.join(FLOAT32)}")
     return names

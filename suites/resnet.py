@@ -14,7 +14,6 @@ def resnet(name="resnet50", stages=(3, 4, 6, 3), widths=(64, 128, 256, 512), exp
     x = b.add("bn1", "batchnorm", x)
     x = b.add("relu", "relu", x)
     x = b.add("maxpool", "maxpool2d", x, kernel=3, stride=2, padding=1)
-    channels = 64
     for si, (blocks, width) in enumerate(zip(stages, widths), 1):
         for bi in range(blocks):
             p = f"layer{si}.{bi}"
@@ -35,6 +34,5 @@ def resnet(name="resnet50", stages=(3, 4, 6, 3), widths=(64, 128, 256, 512), exp
                 shortcut = b.add(f"{p}.downsample.bn", "batchnorm", shortcut)
             h = b.add(f"{p}.add", "add", [h, shortcut])
             x = b.add(f"{p}.relu3", "relu", h)
-            channels = width * expansion
     x = b.add("avgpool", "global_avgpool", x)
     return b.graph(b.add("fc", "linear", x, out_features=classes))

@@ -1,7 +1,6 @@
 """Network graphs: built-in networks, the JSON format and its errors."""
 import json
 
-import numpy as np
 import pytest
 
 from suites import networks
