@@ -63,6 +63,22 @@ def from_ohwi(w_ohwi: np.ndarray) -> np.ndarray:
     return np.transpose(w_ohwi, (0, 3, 1, 2))
 
 
+def pixels(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """An NHWC float32 array whose channels are contiguous and whose pixels are evenly spaced,
+    possibly further apart than its channel count (a channel slice `buf[..., c0:c1]` of a wider
+    buffer), as (flat, ps): element (pixel p, channel c) is flat[p * ps + c], flat a 1-D
+    C-contiguous view from a[0, 0, 0, 0] to the last element (writes go to a's memory)."""
+    n, h, w, c = a.shape
+    isz = a.itemsize
+    ps = a.strides[2] // isz if a.size else c
+    if a.dtype != np.float32 or (c > 1 and a.strides[3] != isz) or ps < c or \
+            (h > 1 and a.strides[1] != w * ps * isz) or (n > 1 and a.strides[0] != h * w * ps * isz):
+        raise ValueError(f"not a channel slice of a contiguous NHWC float32 buffer: "
+                         f"shape {a.shape}, strides {a.strides}, {a.dtype}")
+    span = (n * h * w - 1) * ps + c if a.size else 0
+    return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(isz,)), ps
+
+
 def conv_flops(mb, ic, oh, ow, oc, kh, kw) -> int:
     """One multiply-add counted as 2 FLOPs; the same count for all three directions."""
     return 2 * mb * oh * ow * oc * ic * kh * kw
