@@ -14,10 +14,17 @@ each thread count, at its start and at its end, keeping the better of the two pe
 pct_roofline is GB/s over triad for a memory-bound row and GFLOP/s over the FMA peak for a
 compute-bound one (bound: flops/bytes against the ridge fma/triad).
 
-Target check (printed): per thread count, the byte-weighted mean pct_roofline of the default
-variants of memory-bound stages whose footprint (the bytes of all their inputs and outputs)
-exceeds twice the LLC. At batch 16, 224x224 no single activation is larger than 64 MiB, so
-the footprint, not one tensor, is what is compared with the LLC.
+pct_sgemm (conv rows only) is GFLOP/s over numpy sgemm's at the same thread count.
+
+Target checks (printed), per thread count:
+- memory: the byte-weighted mean pct_roofline of the default variants of memory-bound stages
+  whose footprint (the bytes of all their inputs and outputs) exceeds twice the LLC. At batch
+  16, 224x224 no single activation is larger than 64 MiB, so the footprint, not one tensor, is
+  what is compared with the LLC.
+- conv: per conv direction, the default variants' FLOP-weighted GFLOP/s over the network's
+  conv shapes, sum(count * flops) / sum(count * median_s) (the rate of the whole iteration's
+  convs of that direction; equivalently the FLOP-weighted harmonic mean of the rows' GFLOP/s),
+  as % of sgemm.
 """
 from __future__ import annotations
 
@@ -55,8 +62,9 @@ CONV_STAGES = {"fwd": ("kernels.conv_fwd", "ConvForward"),
 
 COLUMNS = ["network", "batch", "image", "stage", "variant", "is_default", "descriptor", "count",
            "threads", "median_s", "min_s", "reps", "bytes", "flops", "gbps", "gflops", "bound",
-           "pct_roofline", "triad_gbps", "fma_gflops", "footprint_bytes", "max_rel_error",
-           "reproducer"]
+           "pct_roofline", "triad_gbps", "fma_gflops", "sgemm_gflops", "pct_sgemm",
+           "footprint_bytes", "max_rel_error", "reproducer"]
+CONV_DIRECTIONS = ["conv_fwd", "conv_bwd_data", "conv_bwd_weights"]
 
 
 class ValidationError(Exception):
@@ -229,7 +237,9 @@ def row_for(args, st, count, variant, threads, times, roof, errors, fp) -> dict:
             "median_s": med, "min_s": min(times), "reps": len(times), "bytes": cost.bytes,
             "flops": cost.flops, "gbps": gbps, "gflops": gflops, "bound": bound,
             "pct_roofline": pct, "triad_gbps": roof["triad_gbps"],
-            "fma_gflops": roof["fma_gflops"], "footprint_bytes": fp,
+            "fma_gflops": roof["fma_gflops"], "sgemm_gflops": roof["sgemm_gflops"],
+            "pct_sgemm": 100 * gflops / roof["sgemm_gflops"] if st.name in CONV_DIRECTIONS
+            else None, "footprint_bytes": fp,
             "max_rel_error": errors[variant], "reproducer": reproducer(args, st, variant, threads)}
 
 
@@ -247,14 +257,30 @@ def memory_target(rows: list, llc: int) -> list:
     return out
 
 
+def conv_target(rows: list) -> list:
+    """[(threads, stage, shapes, GFLOP, GFLOP/s, sgemm GFLOP/s, % of sgemm)] per thread count
+    and conv direction: default rows, GFLOP/s = sum(count * flops) / sum(count * median_s)."""
+    out = []
+    for t in sorted({r["threads"] for r in rows}):
+        for s in CONV_DIRECTIONS:
+            sel = [r for r in rows if r["threads"] == t and r["is_default"] and r["stage"] == s]
+            if sel:
+                flops = sum(r["flops"] * r["count"] for r in sel)
+                rate = flops / sum(r["median_s"] * r["count"] for r in sel) / 1e9
+                sgemm = sel[0]["sgemm_gflops"]
+                out.append((t, s, len(sel), flops / 1e9, rate, sgemm, 100 * rate / sgemm))
+    return out
+
+
 def print_tables(rows: list, top: int, llc: int) -> None:
     rows = sorted(rows, key=lambda r: -r["median_s"] * r["count"])
     table = [[r["stage"], r["variant"] + ("*" if r["is_default"] else ""), r["descriptor"],
               r["count"], r["threads"], 1e3 * r["median_s"], 1e3 * r["median_s"] * r["count"],
-              r["gbps"], r["gflops"], r["bound"], r["pct_roofline"]] for r in rows[:top]]
+              r["gbps"], r["gflops"], r["bound"], r["pct_roofline"], r["pct_sgemm"]]
+             for r in rows[:top]]
     print(tabulate(table, headers=["stage", "variant", "descriptor", "count", "threads",
-                                   "median ms", "total ms", "GB/s", "GFLOP/s", "bound", "% roof"],
-                   floatfmt=".2f"))
+                                   "median ms", "total ms", "GB/s", "GFLOP/s", "bound", "% roof",
+                                   "% sgemm"], floatfmt=".2f", missingval=""))
     if len(rows) > top:
         print(f"... {len(rows) - top} more rows (--top, or --csv for all)")
     by_stage = {}
@@ -270,6 +296,9 @@ def print_tables(rows: list, top: int, llc: int) -> None:
     for t, n, w, pct in memory_target(rows, llc):
         print(f"threads {t}: memory-bound default stages touching > 2x LLC ({n} shapes, "
               f"{w / 1e9:.2f} GB per iteration): {pct:.1f}% of triad, byte-weighted")
+    for t, s, n, gflop, rate, sgemm, pct in conv_target(rows):
+        print(f"threads {t}: {s} default ({n} shapes, {gflop:.1f} GFLOP per iteration): "
+              f"{rate:.1f} GFLOP/s, {pct:.1f}% of sgemm ({sgemm:.1f} GFLOP/s), FLOP-weighted")
 
 
 def add_parser(sub) -> None:

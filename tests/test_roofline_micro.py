@@ -164,3 +164,38 @@ def test_memory_target_is_byte_weighted_over_big_default_memory_rows():
             dict(row, bytes=900, pct_roofline=10.0, bound="compute")]
     [(t, n, w, pct)] = micro.memory_target(rows, llc)
     assert (t, n, w) == (1, 2, 500) and pct == pytest.approx((300 * 90 + 200 * 60) / 500)
+
+
+def test_conv_target_is_flop_weighted_per_direction():
+    """Total FLOPs over total time of the default rows (count included), per direction and
+    thread count: 1 x 6 GFLOP in 0.1 s plus 3 x 1 GFLOP in 0.1 s each is 9 GFLOP in 0.4 s =
+    22.5 GFLOP/s (the plain mean of the rows' GFLOP/s would be 35, weighted by FLOPs 43.3)."""
+    row = dict(threads=2, is_default=True, stage="conv_bwd_weights", sgemm_gflops=45.0)
+    rows = [dict(row, flops=6e9, count=1, median_s=0.1),
+            dict(row, flops=1e9, count=3, median_s=0.1),
+            dict(row, flops=1e9, count=1, median_s=1.0, is_default=False),
+            dict(row, flops=1e9, count=1, median_s=1.0, stage="bn_stats"),
+            dict(row, flops=4e9, count=2, median_s=0.1, stage="conv_fwd"),
+            dict(row, flops=4e9, count=1, median_s=0.4, threads=1, sgemm_gflops=20.0)]
+    got = micro.conv_target(rows)
+    assert [g[:4] for g in got] == [(1, "conv_bwd_weights", 1, 4.0), (2, "conv_fwd", 1, 8.0),
+                                    (2, "conv_bwd_weights", 2, 9.0)]
+    assert got[0][4:] == pytest.approx((10.0, 20.0, 50.0))
+    assert got[1][4:] == pytest.approx((40.0, 45.0, 100 * 40 / 45))
+    assert got[2][4:] == pytest.approx((22.5, 45.0, 50.0))
+
+
+def test_micro_conv_rows_have_pct_sgemm(tmp_path, capsys):
+    out = tmp_path / "micro.csv"
+    argv = ["micro", "resnet50", "--batch", "2", "--image", "32", "--threads", "1",
+            "--stage", "conv_fwd,bn_stats", "--variant", "default", "--reps", "1",
+            "--min-time", "0", "--csv", str(out)] + TINY
+    assert bnff(argv) == 0
+    rows = [dict(zip(read(out)[0], r)) for r in read(out)[1:]]
+    for r in rows:
+        if r["stage"] == "conv_fwd":
+            assert float(r["pct_sgemm"]) == pytest.approx(
+                100 * float(r["gflops"]) / float(r["sgemm_gflops"]))
+        else:
+            assert r["pct_sgemm"] == ""
+    assert "conv_fwd default" in capsys.readouterr().out
