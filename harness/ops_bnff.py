@@ -120,11 +120,11 @@ READS_X = ("bn_grad", "bn_relu_grad", "relu_sums", "sums")  # hooks reading the 
 
 def _hook_args(kind, arrays):
     """The hook's args tuple from the step's arrays: bn_grad indexes its pre-BN tensor flat,
-    the epilogues as an [M, C] view (conv_common, bnff_hooks)."""
+    the epilogues read it as (flat, pixel stride) (conv_common, bnff_hooks)."""
     if kind in ("bn_grad", "bn_relu_grad"):
         return (arrays[0].reshape(-1),) + tuple(arrays[1:])
     if kind in ("relu_sums", "sums"):
-        return (arrays[0].reshape(-1, arrays[0].shape[-1]),) + tuple(arrays[1:])
+        return conv_common.pixels(arrays[0]) + tuple(arrays[1:])
     return tuple(arrays)
 
 

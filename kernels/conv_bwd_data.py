@@ -19,9 +19,11 @@ Variants (all `f(dy, w, dx, stride, pad)`, dx preallocated [N, H, W, IC]):
             on the finished dx tiles.
 
 For the fused schedules: `make_conv_backward_data(prologue, epilogue)` returns the gemm kernel
-    conv(dy, w, dx, stride, pad, pro_args=(), epi_args=(), ntasks=numba.get_num_threads())
+    conv(dy, w, dx, stride, pad, pro_args=(), epi_args=(), ntasks=numba.get_num_threads(),
+         accumulate=False)
 with the hooks compiled in: the prologue sees dy (idx indexes dy, so it can form the gradient
-from dy and any tensor of dy's shape), the epilogue sees dx tiles.
+from dy and any tensor of dy's layout), the epilogue sees dx tiles. accumulate: dx += the
+result (gradients of a shared buffer); dy and dx may be channel slices (conv_common.pixels).
 `conv_backward_data(dy, w, dx, stride, pad)` is the default variant without hooks.
 """
 from __future__ import annotations
@@ -31,7 +33,7 @@ from numba import get_num_threads, njit, prange
 
 from kernels import reference as R
 from kernels.conv_common import (conv_flops, from_ohwi, identity_epilogue, identity_prologue,
-                                 make_igemm, tap_groups)
+                                 make_igemm, pixels, tap_groups)
 from kernels.conv_fwd import ConvForward
 from kernels.gemm import NR
 from kernels.stage import F32, Cost
@@ -138,14 +140,16 @@ def make_conv_backward_data(prologue=identity_prologue, epilogue=identity_epilog
         igemm = make_igemm(prologue, epilogue)
 
         def conv_backward_data_gemm(dy, w, dx, stride, pad, pro_args=(), epi_args=(),
-                                    ntasks=None):
-            _, H, W, _ = dx.shape
+                                    ntasks=None, accumulate=False):
+            n, oh, ow, oc = dy.shape
+            _, H, W, ic = dx.shape
+            (yf, yps), (xf, xps) = pixels(dy), pixels(dx)
             for rh in range(min(stride, H)):
                 for rw in range(min(stride, W)):
                     bp, groups = phase_operands(w, stride, pad, rh, rw)
-                    igemm(dy, dx, bp, 1, *groups, len(range(rh, H, stride)),
-                          len(range(rw, W, stride)), rh, rw, stride, pro_args, epi_args,
-                          ntasks or get_num_threads())
+                    igemm(yf, oh, ow, oc, yps, xf, n, H, W, ic, xps, accumulate, bp, 1, *groups,
+                          len(range(rh, H, stride)), len(range(rw, W, stride)), rh, rw, stride,
+                          pro_args, epi_args, ntasks or get_num_threads())
         _cache[key] = conv_backward_data_gemm
     return _cache[key]
 

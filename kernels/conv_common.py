@@ -21,19 +21,26 @@ weights, then call an @njit engine that closes over the hooks and is compiled on
 combination, memoized and cached on disk); identity hooks by default. Hook signatures:
 
     prologue(v, idx, c, args) -> float32
-        applied to every source element the kernel loads: v = src.flat[idx], c its channel
+        applied to every source element the kernel loads: v = src_flat[idx], c its channel
         (idx and c are uint64, so array indexing by them needs no wraparound and vectorizes).
+        A second tensor read at idx must have the source's layout (same shape and strides).
         Padding is zero *after* the prologue (it pads the transformed tensor).
-    epilogue(dst, rows, mr, c0, nc, tid, args)
-        called once per finished MR x NR output tile, while it is in L1: dst is the 4-D
-        output, rows[0:mr] the flat pixel indices of its rows, channels c0 .. c0+nc-1.
-        tid in [0, ntasks) is the task running it: reductions go to partials[tid, ...].
+    epilogue(d, ldc, rows, mr, c0, nc, tid, args)
+        called once per finished MR x NR output tile, while it is in L1: element (pixel p,
+        channel c) of the output is d[p * ldc + c] (d flat), rows[0:mr] are the tile's pixels,
+        its channels c0 .. c0+nc-1. tid in [0, ntasks) is the task running it: reductions go
+        to partials[tid, ...]. A full tile (nc == NR) is worth a vector path (kernels/vec.py):
+        a scalar epilogue costs as much as the tile's GEMM when K is a few hundred.
 `args` are tuples the kernels pass through untouched (use () for none). Hooked kernels take a
 last argument `ntasks`, the number of parallel tasks (default numba.get_num_threads()); per-task
 partials have leading dimension ntasks. Real hooks here: `bn_relu_prologue` (args = (a, b):
 max(a[c]*v + b[c], 0)), `bn_grad_prologue` (args = (x flat, a, p, q): a[c]*v + p[c]*x[idx] +
 q[c], reading a second tensor) and `channel_sums_epilogue` (args = (s1, s2), float64
-[ntasks, C]: per-task sum and sum of squares of the output).
+[ntasks, C], C-contiguous: per-task sum and sum of squares of the output).
+
+Channel slices. Sources and destinations are NHWC tensors whose pixels may lie further apart
+than their channel count: a channel slice `buf[..., c0:c1]` of a wider buffer (DenseNet's
+block buffer), read and written in place through `pixels` (flat view, pixel stride).
 """
 from __future__ import annotations
 
@@ -43,6 +50,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels.gemm import KC, MC, MR, NR, tile
+from kernels.vec import W, vadd, vfma, vload, vstore, vwiden, vzero64
 
 JB_FLOATS = 32 * 1024  # B panel slices visited per row of tiles: 128 KiB, within L2
 
@@ -93,7 +101,7 @@ def identity_prologue(v, idx, c, args):
 
 
 @njit(inline="always", cache=True)
-def identity_epilogue(dst, rows, mr, c0, nc, tid, args):
+def identity_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
     return
 
 
@@ -112,19 +120,30 @@ def bn_grad_prologue(v, idx, c, args):
 
 
 @njit(inline="always", cache=True, fastmath=True)
-def channel_sums_epilogue(dst, rows, mr, c0, nc, tid, args):
+def channel_sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
     """Per-channel float64 sum and sum of squares of the output tile into args[0/1][tid, c]."""
-    C = dst.shape[3]
     s1, s2 = args
+    o = tid * s1.shape[1] + c0
+    if nc == NR:  # a full tile: W channels at a time, in vector registers
+        for h in range(0, NR, W):
+            a1 = vzero64()
+            a2 = vzero64()
+            for r in range(mr):
+                v = vwiden(vload(d, rows[r] * ldc + c0 + h))
+                a1 = vadd(a1, v)
+                a2 = vfma(v, v, a2)
+            vstore(s1, o + h, vadd(vload(s1, o + h), a1))
+            vstore(s2, o + h, vadd(vload(s2, o + h), a2))
+        return
     for j in range(nc):
         a1 = 0.0
         a2 = 0.0
         for r in range(mr):
-            v = np.float64(dst.flat[rows[r] * C + c0 + j])
+            v = np.float64(d[rows[r] * ldc + c0 + j])
             a1 += v
             a2 += v * v
-        s1[tid, c0 + j] += a1
-        s2[tid, c0 + j] += a2
+        s1.flat[o + j] += a1
+        s2.flat[o + j] += a2
 
 
 def stable(hook):
@@ -193,12 +212,11 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
     stable(epilogue)
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def igemm(src, dst, bp, ss, gt, gl, gy, gx, gh, gw, dy0, dx0, ds, pro_args, epi_args, nt):
-        """dst[pix(n,i,j), :] = sum_{t,c} src[n, ss*i+ty[t], ss*j+tx[t], c] * B[t*CS+c, :], the
-        taps given as groups g of gl[g] taps from tap gt[g] at (gy[g], gx[g] + 0, 1, ...)."""
-        _, SH, SW, CS = src.shape
-        src1 = src.reshape(src.size)
-        nb_, DH, DW, CD = dst.shape
+    def igemm(src1, SH, SW, CS, sps, dst1, nb_, DH, DW, CD, dps, acc, bp, ss, gt, gl, gy, gx,
+              gh, gw, dy0, dx0, ds, pro_args, epi_args, nt):
+        """dst[pix(n,i,j), :] (+)= sum_{t,c} src[n, ss*i+ty[t], ss*j+tx[t], c] * B[t*CS+c, :],
+        the taps given as groups g of gl[g] taps from tap gt[g] at (gy[g], gx[g] + 0, 1, ...);
+        src and dst flat with pixel strides sps, dps (see `pixels`); += when acc."""
         K = bp.shape[1]
         npan = bp.shape[0]
         m = nb_ * gh * gw
@@ -241,24 +259,27 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
                                 continue
                             ap[o + ka:o + va] = 0.0
                             ap[o + vb:o + kb] = 0.0
-                            base = ((rn[r] * SH + y) * SW + xs) * CS - k0
                             k = va
                             c = (va - k0) % CS
-                            if CS < NR:  # few channels (the stem): one flat run, c wraps
+                            if sps == CS and CS < NR:  # few channels (the stem): one flat run
+                                base = ((rn[r] * SH + y) * SW + xs) * CS - k0
                                 for q in range(vb - va):
                                     i = np.uint64(base + va + q)
                                     ap[np.uint64(o + va + q)] = prologue(src1[i], i, np.uint64(c),
                                                                          pro_args)
                                     c = c + 1 if c + 1 < CS else 0
                                 continue
-                            while k < vb:  # one source pixel at a time, channels c ..
+                            # one source pixel at a time, channels c .., pixels sps apart
+                            base = ((rn[r] * SH + y) * SW + xs) * sps + (va - k0) // CS * sps
+                            while k < vb:
                                 e = min(vb, k + CS - c)
                                 for q in range(e - k):  # unsigned indices: no wraparound, SIMD
-                                    i = np.uint64(base + k + q)
+                                    i = np.uint64(base + c + q)
                                     ap[np.uint64(o + k + q)] = prologue(src1[i], i,
                                                                        np.uint64(c + q), pro_args)
                                 k = e
                                 c = 0
+                                base += sps
                     ap[mc * KC:(mc + MR - 1) // MR * MR * KC] = 0.0
                     # panels in groups whose B slices fit in L2 (JB_FLOATS); within a group
                     # the tile rows outermost, so each output row is written in long runs
@@ -271,10 +292,10 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
                                 rows[i] = (rn[r] * DH + dy0 + ds * ri[r]) * DW + dx0 + ds * rj[r]
                             for jp in range(j0, min(npan, j0 + jb)):
                                 nr = min(NR, CD - jp * NR)
-                                tile(kc, ap, ir * KC, bp, (jp * K + p0) * NR, dst, rows, mr,
-                                     jp * NR, CD, nr, p0 > 0, scratch)
+                                tile(kc, ap, ir * KC, bp, (jp * K + p0) * NR, dst1, rows, mr,
+                                     jp * NR, dps, nr, acc or p0 > 0, scratch)
                                 if last:
-                                    epilogue(dst, rows, mr, jp * NR, nr, tid, epi_args)
+                                    epilogue(dst1, dps, rows, mr, jp * NR, nr, tid, epi_args)
 
     _igemm_cache[key] = igemm
     return igemm

@@ -14,7 +14,8 @@ Variants (all `f(x, w, y, stride, pad)`, y preallocated [N, OH, OW, OC]):
 
 For the fused schedules: `make_conv_forward(prologue, epilogue)` returns the gemm kernel
     conv(x, w, y, stride, pad, pro_args=(), epi_args=(), ntasks=numba.get_num_threads())
-with the hooks compiled in (prologue sees x, epilogue sees y; see conv_common).
+with the hooks compiled in (prologue sees x, epilogue sees y; see conv_common); x and y may be
+channel slices of wider buffers (conv_common.pixels).
 `conv_forward(x, w, y, stride, pad)` is the default variant without hooks.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from numba import get_num_threads, njit, prange
 
 from kernels import reference as R
 from kernels.conv_common import (conv_flops, from_ohwi, identity_epilogue, identity_prologue,
-                                 make_igemm, out_size, pack_b_rows, tap_groups)
+                                 make_igemm, out_size, pack_b_rows, pixels, tap_groups)
 from kernels.gemm import NR
 from kernels.stage import F32, Cost, Stage
 
@@ -111,8 +112,11 @@ def make_conv_forward(prologue=identity_prologue, epilogue=identity_epilogue):
 
         def conv_forward_gemm(x, w, y, stride, pad, pro_args=(), epi_args=(), ntasks=None):
             bp, groups = forward_operands(w, pad)
-            igemm(x, y, bp, stride, *groups, y.shape[1], y.shape[2], 0, 0, 1, pro_args, epi_args,
-                  ntasks or get_num_threads())
+            n, h, wd, c = x.shape
+            _, oh, ow, oc = y.shape
+            (xf, xps), (yf, yps) = pixels(x), pixels(y)
+            igemm(xf, h, wd, c, xps, yf, n, oh, ow, oc, yps, False, bp, stride, *groups, oh, ow,
+                  0, 0, 1, pro_args, epi_args, ntasks or get_num_threads())
         _cache[key] = conv_forward_gemm
     return _cache[key]
 

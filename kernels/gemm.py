@@ -1,5 +1,5 @@
-"""Single-precision GEMM building blocks: explicit 8-lane vectors, BLIS-style packing, a
-register-blocked MR x NR micro-kernel, and a packed parallel sgemm that exercises them.
+"""Single-precision GEMM building blocks: BLIS-style packing, a register-blocked MR x NR
+micro-kernel, and a packed parallel sgemm that exercises them.
 
     C[m, n] (+)= sum_k A[m, k] * B[k, n]
 
@@ -20,9 +20,8 @@ ISA with 16 or more), and each k step does 12 FMAs for 2 vector loads and 6 broa
 
 Why explicit vectors: LLVM splits a register tile written as nested loops over a small local
 array into scalars before vectorizing (scalar vfmadd231ss, ~6 GFLOP/s). Here the tile is twelve
-local variables of a Numba type `f32x8` whose LLVM type is `<8 x float>`; the intrinsics below
-emit vector loads, broadcasts, fma and stores on it, so the accumulators stay in registers. The
-8-lane width legalizes on any target (one ymm on AVX2, two q registers on Arm NEON).
+local variables of type `f32x8` (kernels/vec.py, LLVM `<8 x float>`), so the accumulators stay
+in registers.
 `tile` and `ukernel` are inlined at the Numba level: as calls, each passed its arrays with
 atomic reference-count updates, and the shared arrays' counters bounced between cores.
 The strides of the packed A are compile-time constants (`make_tile`), so the six broadcasts
@@ -32,125 +31,12 @@ the kernel lost a fifth of its speed (78 vs 98 GFLOP/s in L1 on one Zen 3 core).
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba import njit, prange
 
-W = 8            # lanes of one vector
+from kernels.vec import W, prefetch, vadd, vbroadcast, vfma, vload, vstore, vzero
+
 MR, NR = 6, 16   # register tile: MR rows x NR columns = MR x (NR / W) vectors
 KC, MC = 256, 144  # cache blocking: KC x NR B slice in L1, MC x KC packed A block in L2
-
-_V = ir.VectorType(ir.FloatType(), W)
-
-
-class F32x8(types.Type):
-    def __init__(self):
-        super().__init__(name="f32x8")
-
-
-f32x8 = F32x8()
-
-
-@register_model(F32x8)
-class _F32x8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V)
-
-
-def _addr(context, builder, sig, args):
-    """Pointer to element args[1] (flat index) of the C-contiguous float32 array args[0]."""
-    data = context.make_array(sig.args[0])(context, builder, args[0]).data
-    i = context.cast(builder, args[1], sig.args[1], types.intp)
-    return builder.gep(data, [i])
-
-
-def _is_f32(a):
-    return isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"
-
-
-@intrinsic
-def vzero(typingctx):
-    """The zero vector."""
-    return f32x8(), lambda context, builder, sig, args: ir.Constant(_V, None)
-
-
-@intrinsic
-def vload(typingctx, a, i):
-    """a.flat[i:i+8] as a vector (unaligned load)."""
-    if not (_is_f32(a) and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.load(builder.bitcast(_addr(context, builder, sig, args), _V.as_pointer()),
-                            align=4)
-    return f32x8(a, i), codegen
-
-
-@intrinsic
-def vbroadcast(typingctx, a, i):
-    """a.flat[i] in all 8 lanes."""
-    if not (_is_f32(a) and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        x = builder.load(_addr(context, builder, sig, args))
-        v = builder.insert_element(ir.Constant(_V, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(v, ir.Constant(_V, ir.Undefined),
-                                      ir.Constant(ir.VectorType(ir.IntType(32), W), None))
-    return f32x8(a, i), codegen
-
-
-@intrinsic
-def vfma(typingctx, a, b, c):
-    """a * b + c, fused."""
-    if not (a == f32x8 and b == f32x8 and c == f32x8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V, [_V] * 3),
-                                            "llvm.fma.v8f32")
-        return builder.call(fn, args)
-    return f32x8(a, b, c), codegen
-
-
-@intrinsic
-def vadd(typingctx, a, b):
-    """a + b."""
-    if not (a == f32x8 and b == f32x8):
-        return None
-    return f32x8(a, b), lambda context, builder, sig, args: builder.fadd(args[0], args[1])
-
-
-@intrinsic
-def vstore(typingctx, a, i, v):
-    """a.flat[i:i+8] = v (unaligned store)."""
-    if not (_is_f32(a) and isinstance(i, types.Integer) and v == f32x8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        p = builder.bitcast(_addr(context, builder, sig, args[:2]), _V.as_pointer())
-        builder.store(args[2], p, align=4)
-        return context.get_dummy_value()
-    return types.void(a, i, v), codegen
-
-
-@intrinsic
-def prefetch(typingctx, a, i):
-    """Hint: the cache line of a.flat[i] will be read and written soon."""
-    if not (_is_f32(a) and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        i8p = ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3),
-            "llvm.prefetch.p0")
-        i32 = lambda v: ir.Constant(ir.IntType(32), v)
-        builder.call(fn, [builder.bitcast(_addr(context, builder, sig, args), i8p), i32(1),
-                          i32(3), i32(1)])
-        return context.get_dummy_value()
-    return types.void(a, i), codegen
 
 
 def make_tile(rs, ps):

@@ -10,12 +10,12 @@ from kernels.add import Add
 from kernels.bn_backward import BNBackward
 from kernels.bn_normalize import BNNormalize, normalize_affine
 from kernels.bn_stats import BNStats
-from kernels.bnff_hooks import (bn_prologue, bn_relu_grad_prologue, relu_mask_sums_epilogue,
-                                 relu_sums_epilogue, sums_epilogue)
+from kernels.bnff_hooks import (bn_prologue, bn_relu_grad_prologue, relu_sums_epilogue,
+                                 sums_epilogue)
 from kernels.conv_bwd_data import conv_backward_data, make_conv_backward_data
 from kernels.conv_bwd_weights import conv_backward_weights, make_conv_backward_weights
 from kernels.conv_common import (bn_grad_prologue, bn_relu_prologue, channel_sums_epilogue,
-                                 identity_epilogue, identity_prologue, out_size)
+                                 identity_epilogue, identity_prologue, out_size, pixels)
 from kernels.conv_fwd import conv_forward, make_conv_forward
 from kernels.relu import ReLUBackward, ReLUForward
 
@@ -212,12 +212,13 @@ def test_forward_prologue_and_stats(shape, relu):
     _close(var, y64.var(0), 1e-5)
 
 
-@pytest.mark.parametrize("relu", [True, False], ids=["relu_mask_sums", "sums"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu_sums", "sums"])
 @pytest.mark.parametrize("ntasks", [2, 3])
 @pytest.mark.parametrize("shape", HOOK_SHAPES, ids=HOOK_IDS)
 def test_backward_data_epilogue(shape, ntasks, relu):
     """conv_bwd_data with bn_grad_prologue (the next BN's dx formed from its dy2, x2) and
-    relu_mask_sums_epilogue / sums_epilogue == bn_dx, conv_bwd_data, relu_mask_sums / dy_sums."""
+    relu_sums_epilogue / sums_epilogue == bn_dx, conv_bwd_data, then the sums of relu_mask_sums
+    / dy_sums (the output itself stays dz)."""
     rng, x, a, b, w, yshape = _conv_case(shape, 8)
     ic, oc = shape[0], shape[1]
     dy2 = rng.standard_normal(yshape, dtype=np.float32)
@@ -233,11 +234,11 @@ def test_backward_data_epilogue(shape, ntasks, relu):
         F.relu_mask_sums(_flat(dz), _flat(x), a, b, _flat(want), w1, w2)
     else:
         F.dy_sums(_flat(dz), _flat(x), w1, w2)
-        want = dz
+    want = dz
     dy = np.full(x.shape, np.nan, np.float32)
     s1, s2 = np.zeros((ntasks, ic)), np.zeros((ntasks, ic))
-    epi, epi_args = ((relu_mask_sums_epilogue, (_flat(x), a, b, s1, s2)) if relu
-                     else (sums_epilogue, (_flat(x), s1, s2)))
+    epi, epi_args = ((relu_sums_epilogue, pixels(x) + (a, b, s1, s2)) if relu
+                     else (sums_epilogue, pixels(x) + (s1, s2)))
     conv = make_conv_backward_data(bn_grad_prologue, epi)
     conv(dy2, w, dy, shape[3], shape[4], (x2.reshape(-1), a2, p2, q2), epi_args, ntasks)
     _close(dy, want)
@@ -260,7 +261,7 @@ def test_store_free_backward(shape):
     got = np.full(x.shape, np.nan, np.float32)
     s1, s2 = np.zeros((2, ic)), np.zeros((2, ic))
     make_conv_backward_data(identity_prologue, relu_sums_epilogue)(
-        dy2, w, got, shape[3], shape[4], (), (_flat(x), a, b, s1, s2), 2)
+        dy2, w, got, shape[3], shape[4], (), pixels(x) + (a, b, s1, s2), 2)
     np.testing.assert_array_equal(got, dz)
     _close(s1.sum(0), w1)
     _close(s2.sum(0), w2)
@@ -281,7 +282,7 @@ def test_store_free_backward(shape):
     _close(xin, want_in)
 
 
-@pytest.mark.parametrize("relu", [True, False], ids=["relu_mask_sums", "sums"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu_sums", "sums"])
 def test_backward_data_epilogue_on_channel_slice(relu):
     """DenseNet: the pre-BN x of the epilogues is the channel prefix of the block buffer."""
     shape = HOOK_SHAPES[0]
@@ -289,18 +290,18 @@ def test_backward_data_epilogue_on_channel_slice(relu):
     ic = shape[0]
     buf = rng.standard_normal(x.shape[:3] + (ic + 32,), dtype=np.float32)
     buf[..., :ic] = x
-    xs = _flat(buf)[:, :ic]
+    xs = pixels(buf[..., :ic])
     g = rng.standard_normal(yshape, dtype=np.float32)
     dz = np.empty(x.shape, np.float32)
     conv_backward_data(g, w, dz, shape[3], shape[4])
     dy = np.full(x.shape, np.nan, np.float32)
     s1, s2 = np.zeros((2, ic)), np.zeros((2, ic))
-    epi, epi_args = ((relu_mask_sums_epilogue, (xs, a, b, s1, s2)) if relu
-                     else (sums_epilogue, (xs, s1, s2)))
+    epi, epi_args = ((relu_sums_epilogue, xs + (a, b, s1, s2)) if relu
+                     else (sums_epilogue, xs + (s1, s2)))
     make_conv_backward_data(identity_prologue, epi)(g, w, dy, shape[3], shape[4], (), epi_args,
                                                     2)
+    np.testing.assert_array_equal(dy, dz)
     want = dz.astype(np.float64) * ((a * x.astype(np.float64) + b > 0) if relu else 1)
-    _close(dy, want, 1e-6)
     _close(s1.sum(0), _flat(want).sum(0), 1e-6)
     _close(s2.sum(0), (_flat(want) * _flat(x)).sum(0), 1e-6)
 
