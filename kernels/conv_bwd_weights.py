@@ -20,7 +20,8 @@ kernel
     conv(x, dy, dw, stride, pad, px_args=(), pdy_args=(), ntasks=numba.get_num_threads())
 with both prologues compiled in (conv_common hook signature; idx indexes x, resp. dy): the
 first recomputes the conv input (e.g. BN+ReLU of the stored pre-BN tensor), the second forms
-the incoming gradient on the fly (e.g. a*dy + p*x + q from two tensors of dy's shape).
+the incoming gradient on the fly (e.g. a*dy + p*x + q from two tensors of dy's layout). x and
+dy may be channel slices of wider buffers (conv_common.pixels).
 `conv_backward_weights(x, dy, dw, stride, pad)` is the default variant without hooks.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from kernels import reference as R
-from kernels.conv_common import conv_flops, identity_prologue, stable, tap_groups
+from kernels.conv_common import conv_flops, identity_prologue, pixels, stable, tap_groups
 from kernels.conv_fwd import ConvForward
 from kernels.gemm import KC, MC, MR, NR, tile_kmajor
 
@@ -123,14 +124,12 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
     stable(prologue_dy)
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def wgemm(x, dy, dw, part, stride, gt, gl, gy, gx, px_args, pdy_args, nt):
-        """dw2[oc, t*IC + c] = sum_m dy[m, oc] * x[n, oh*s + ty[t], ow*s + tx[t], c]."""
-        N, H, W, IC = x.shape
-        _, OH, OW, OC = dy.shape
+    def wgemm(x1, N, H, W, IC, xps, dy1, OH, OW, OC, yps, dw, part, stride, gt, gl, gy, gx,
+              px_args, pdy_args, nt):
+        """dw2[oc, t*IC + c] = sum_m dy[m, oc] * x[n, oh*s + ty[t], ow*s + tx[t], c], x and dy
+        flat with pixel strides xps, yps (conv_common.pixels)."""
         K = dw.size // OC
         M = N * OH * OW
-        x1 = x.reshape(x.size)
-        dy1 = dy.reshape(dy.size)
         chunk = (M + nt - 1) // nt
         mcb = min(MC, OC)
         ncb = max(NR, BLOCK // mcb // NR * NR)  # the mcb x ncb block of dw stays in L2
@@ -163,14 +162,14 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
                                 kb = min(k0 + gl[g] * IC, k0 + (W - xs) * IC, j0 + nc)
                                 if y < 0 or y >= H or k >= kb:
                                     continue
-                                base = ((n * H + y) * W + xs) * IC - k0
                                 c = (k - k0) % IC
+                                base = (((n * H + y) * W + xs) + (k - k0) // IC) * xps
                                 j = (k - j0) % NR
                                 o = ((k - j0) // NR * kc + p) * NR
                                 while k < kb:  # pieces within one panel and one source pixel
                                     e = min(kb, k + NR - j, k + IC - c)
                                     for q in range(e - k):
-                                        i = np.uint64(base + k + q)
+                                        i = np.uint64(base + c + q)
                                         bp[np.uint64(o + j + q)] = prologue_x(
                                             x1[i], i, np.uint64(c + q), px_args)
                                     c += e - k
@@ -178,13 +177,14 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
                                     k = e
                                     if c == IC:
                                         c = 0
+                                        base += xps
                                     if j == NR:
                                         j = 0
                                         o += kc * NR
                         # A = dy^T[r0:r0+mc, p0:p0+kc] k-major in MR-row micro-panels:
                         # ap[(r // MR)*KC*MR + p*MR + r % MR]
                         for p in range(kc):
-                            s = (p0 + p) * OC + r0
+                            s = (p0 + p) * yps + r0
                             for q in range(0, mc, MR):
                                 o = q * KC + p * MR
                                 for r in range(MR):
@@ -213,7 +213,11 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
         nt = ntasks or get_num_threads()
         OC, KH, KW, IC = dw.shape
         part = np.empty((nt - 1, OC, KH * KW * IC), np.float32)
-        wgemm(x, dy, dw, part, stride, *weight_taps(KH, KW, pad), px_args, pdy_args, nt)
+        n, h, w, _ = x.shape
+        _, oh, ow, _ = dy.shape
+        (xf, xps), (yf, yps) = pixels(x), pixels(dy)
+        wgemm(xf, n, h, w, IC, xps, yf, oh, ow, OC, yps, dw, part, stride,
+              *weight_taps(KH, KW, pad), px_args, pdy_args, nt)
 
     _cache[key] = conv_backward_weights_gemm
     return conv_backward_weights_gemm

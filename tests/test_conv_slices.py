@@ -1,10 +1,11 @@
-"""Convs on channel slices of wider buffers (DenseNet's block buffer): reading x and writing y
+"""Convs on channel slices of wider buffers (DenseNet's block buffer): reading x and dy, writing y
 in place, and backward-data accumulating into a gradient slice, equal the contiguous results
 and leave the other channels alone."""
 import numpy as np
 import pytest
 
 from kernels.conv_bwd_data import conv_backward_data, make_conv_backward_data
+from kernels.conv_bwd_weights import conv_backward_weights
 from kernels.conv_common import out_size, pixels
 from kernels.conv_fwd import conv_forward
 
@@ -59,3 +60,19 @@ def test_pixels_rejects_other_layouts():
     for bad in (a[:, ::2], a[..., ::2], a.astype(np.float64), np.transpose(a, (0, 2, 1, 3))):
         with pytest.raises(ValueError):
             pixels(bad)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=IDS)
+def test_backward_weights_on_slices(shape):
+    rng, x, w, ys = _case(shape, 3)
+    ic, oc, s, p = shape[0], shape[1], shape[3], shape[4]
+    dy = rng.standard_normal(ys, dtype=np.float32)
+    want = np.empty_like(w)
+    conv_backward_weights(x, dy, want, s, p)
+    xbuf = rng.standard_normal(x.shape[:3] + (ic + 6,), dtype=np.float32)
+    xbuf[..., 6:] = x
+    gbuf = rng.standard_normal(ys[:3] + (oc + 5,), dtype=np.float32)
+    gbuf[..., 2:2 + oc] = dy
+    dw = np.full_like(w, np.nan)
+    conv_backward_weights(xbuf[..., 6:], gbuf[..., 2:2 + oc], dw, s, p)
+    np.testing.assert_allclose(dw, want, rtol=1e-4, atol=1e-4)
