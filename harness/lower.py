@@ -34,6 +34,7 @@ class Options:
     fuse_forward: bool = False   # split only: sub-BN1 into conv epilogues, sub-BN2 into prologues
     fuse_backward: bool = False  # split only: mask and sums into backward-data epilogues, dx
                                  # into the producing conv's backward prologues
+    blocks: bool = False         # split only: concatenations as block buffers (lower_blocks)
 
 
 def nhwc(shape):
@@ -250,7 +251,9 @@ class Lowering:
 
 def lower(graph: Graph, batch: int, image: int, options: Options):
     if options.bn == "split":
+        from harness.lower_blocks import BlockLowering
         from harness.lower_bnff import SplitLowering
-        return SplitLowering(graph, batch, image, options).lower()
+        cls = BlockLowering if options.blocks else SplitLowering
+        return cls(graph, batch, image, options).lower()
     return Lowering(graph, batch, image, options).lower()
 

@@ -43,6 +43,8 @@ class SplitLowering(Lowering):
               written.
     """
 
+    conv_data_native = False  # backward-data adds into a started gradient itself
+
     def __init__(self, *args):
         super().__init__(*args)
         self.sites, self.by_x, self.by_out, self.ends = {}, {}, {}, {}
@@ -124,30 +126,31 @@ class SplitLowering(Lowering):
         if s is not None and s.consumer is n and self.norm_in_prologue(s):
             src, pro = s.x, ("bn_relu" if s.relu else "bn")
             pro_args = (R(self.vec(s, "a")), R(self.vec(s, "b")))
-        epi, epi_args = None, ()
-        t = self.by_x.get(n.name)
-        if t is not None and self.stats_in_epilogue(t):
-            c = self.shapes[n.name][3]
-            epi = "stats"
-            epi_args = tuple(W(self.vec(t, v, fo.partials_shape(c), np.float64))
-                             for v in ("fs1", "fs2"))
-        self.plan.tensor(n.name, self.shapes[n.name])
+        epi, epi_args = self.forward_epilogue(n)
+        self.declare_output(n)
         self.step(n, "fwd" + (f" +{pro} prologue" if pro else "") +
                   (f" +{epi} epilogue" if epi else ""), "conv", "forward",
                   fo.conv_fwd_fused_call(R(src), R(f"{n.name}.weight"), W(n.name),
                                           self.shapes[x], n, pro, pro_args, epi, epi_args))
 
+    def forward_epilogue(self, n):
+        """BN statistics of the conv's output in its epilogue: per-task partial sums."""
+        t = self.by_x.get(n.name)
+        if t is None or not self.stats_in_epilogue(t):
+            return None, ()
+        c = self.shapes[n.name][3]
+        return "stats", tuple(W(self.vec(t, v, fo.partials_shape(c), np.float64))
+                              for v in ("fs1", "fs2"))
+
+    def declare_output(self, n):
+        self.plan.tensor(n.name, self.shapes[n.name])
+
     def bn_forward_split(self, s):
-        n, shape, eps = s.bn, self.shapes[s.x], s.bn["eps"]
+        n, shape = s.bn, self.shapes[s.x]
         coeffs = [W(self.vec(s, v)) for v in ("mean", "var")] + \
                  [R(f"{n.name}.weight"), R(f"{n.name}.bias")] + \
                  [W(self.vec(s, v)) for v in ("a", "b")]
-        if self.stats_in_epilogue(s):
-            self.step(n, "stats merge", "bn", "forward", fo.finalize_stats_call(
-                R(self.vec(s, "fs1")), R(self.vec(s, "fs2")), *coeffs, eps, shape))
-        else:
-            self.step(n, "stats", "bn", "forward",
-                      fo.stats_coeffs_call(R(s.x), *coeffs, eps, shape))
+        self.bn_stats(s, coeffs)
         if self.norm_in_prologue(s) or s.end is not None:
             return
         a, b = R(self.vec(s, "a")), R(self.vec(s, "b"))
@@ -158,6 +161,16 @@ class SplitLowering(Lowering):
         else:
             self.step(n, "normalize", "bn", "forward",
                       fo.normalize_call(R(s.x), a, b, W(s.out), shape))
+
+    def bn_stats(self, s, coeffs):
+        """Sub-BN1: mean, var, then a and b (coeffs: mean, var, gamma, beta, a, b refs)."""
+        n, shape, eps = s.bn, self.shapes[s.x], s.bn["eps"]
+        if self.stats_in_epilogue(s):
+            self.step(n, "stats merge", "bn", "forward", fo.finalize_stats_call(
+                R(self.vec(s, "fs1")), R(self.vec(s, "fs2")), *coeffs, eps, shape))
+        else:
+            self.step(n, "stats", "bn", "forward",
+                      fo.stats_coeffs_call(R(s.x), *coeffs, eps, shape))
 
     def end_forward(self, relu, add):
         """z = ReLU(a1*x1 + b1 + (a2*x2 + b2 or the shortcut)), written once."""
@@ -228,7 +241,8 @@ class SplitLowering(Lowering):
                                                    epi, epi_args))
             return
         self.contribute(n, "bwd-data", "conv", x, lambda d, acc: fo.conv_bwd_data_fused_call(
-            dy, R(f"{n.name}.weight"), d, xs, n, pro_dy, pdy_args, None, ()))
+            dy, R(f"{n.name}.weight"), d, xs, n, pro_dy, pdy_args, None, (), acc),
+            native=self.conv_data_native)
 
     def bn_backward_split(self, s):
         n, shape, eps = s.bn, self.shapes[s.x], s.bn["eps"]

@@ -32,12 +32,23 @@ def dims(shape):
     return dict(mb=n, ic=c, ih=h, iw=w)
 
 
+def view(a, shape):
+    """a reshaped without a copy (a channel slice has an [M, C] view but no flat one);
+    ValueError where a copy would be needed, so no kernel writes into a temporary."""
+    v = a.view()
+    try:
+        v.shape = shape
+    except AttributeError as e:
+        raise ValueError(f"no {shape} view of an array with strides {a.strides}") from e
+    return v
+
+
 def on_view(fn, c=None):
     """fn seeing its 4-d array arguments as [M, c] views (c given) or flat."""
     shape = (-1, c) if c else (-1,)
 
     def call(*args):
-        return fn(*(a.reshape(shape) if isinstance(a, np.ndarray) and a.ndim >= 2 else a
+        return fn(*(view(a, shape) if isinstance(a, np.ndarray) and a.ndim >= 2 else a
                     for a in args))
     return call
 
@@ -115,6 +126,10 @@ def relu_bwd_call(dy, y, dx, shape):
 def add_call(a, b, y, shape):
     fn, cost = default_kernel(add.Add, dims(shape))
     return on_view(fn), (a, b, y), cost
+
+
+def fill_call(dst, value, shape):
+    return (lambda d: d.fill(value)), (dst,), Cost(0, 0, int(np.prod(shape)) * F32)
 
 
 def copy_call(src, dst, shape):

@@ -41,6 +41,30 @@ def finalize_stats_call(s1, s2, mean, var, gamma, beta, a, b, eps, shape):
     return fn, (s1, s2, mean, var, gamma, beta, a, b), Cost(4 * nt * c, 2 * nt * c * 8, 4 * c * F32)
 
 
+def feature_stats_call(s1, s2, mean, var, shape):
+    """bnff+: a block feature's mean and var (slices of the block's vectors) from the per-task
+    sums its producing conv's epilogue accumulated."""
+    m, c = int(np.prod(shape[:3])), shape[3]
+
+    def fn(s1, s2, mean, var):
+        nt = numba.get_num_threads()
+        bn_fused.stats_from_sums(s1[:nt], s2[:nt], m, mean, var)
+    nt = numba.config.NUMBA_NUM_THREADS
+    return fn, (s1, s2, mean, var), Cost(4 * nt * c, 2 * nt * c * 8, 2 * c * F32)
+
+
+def gathered_coeffs_call(bmean, bvar, off, mean, var, gamma, beta, a, b, eps, shape):
+    """bnff+: a BN over channels off .. off+C of a block buffer takes their mean and var from
+    the block's vectors (made once per feature) instead of a pass over its input."""
+    c = shape[3]
+
+    def fn(bmean, bvar, mean, var, gamma, beta, a, b):
+        mean[:] = bmean[off:off + c]
+        var[:] = bvar[off:off + c]
+        bn_fused.bn_coefficients(mean, var, gamma, beta, eps, a, b)
+    return fn, (bmean, bvar, mean, var, gamma, beta, a, b), Cost(2 * c, 4 * c * F32, 4 * c * F32)
+
+
 def finalize_grads_call(s1, s2, mean, var, gamma, dgamma, dbeta, a, p, q, eps, shape):
     """dgamma, dbeta and the dx coefficients (dx = a*dy + p*x + q) from the sums of dy and
     dy*x, given per task ([T, C], from a conv epilogue) or merged ([C], from a pass)."""
@@ -150,15 +174,18 @@ def conv_fwd_fused_call(x, w, y, xs, node, pro, pro_args, epi, epi_args):
     return fn, (x, w, y) + tuple(pro_args) + tuple(epi_args), cost
 
 
-def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args):
+def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args,
+                             accumulate=False):
     """Conv backward-data forming its incoming gradient in the prologue (pro = bn_grad,
     pro_args = (x', a, p, q), or bn_relu_grad, (x', af, bf, a, p, q)) and/or summing its
     masked output per channel in the epilogue (epi = relu_sums, epi_args = (x, a, b, s1, s2);
-    or sums: (x, s1, s2)); the output itself is left as computed."""
+    or sums: (x, s1, s2)); the output itself is left as computed, or added to dx."""
     kernel = conv_bwd_data.make_conv_backward_data(PROLOGUES[pro], EPILOGUES[epi])
     _, cost = default_kernel(conv_bwd_data.ConvBackwardData, conv_shape(xs, node))
     ys = conv_out_shape(xs, node)
     cost = cost + Cost(0, _hook_bytes(pro, ys) + _hook_bytes(epi, xs), 0)
+    if accumulate:
+        cost = cost + Cost(int(np.prod(xs)), int(np.prod(xs)) * F32, 0)
     s, p, npro = node["stride"], node["padding"], len(pro_args)
 
     def fn(dy, w, dx, *hooks):
@@ -166,7 +193,7 @@ def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args):
             for part in hooks[-2:]:
                 part[...] = 0.0
         kernel(dy, w, dx, s, p, _hook_args(pro, hooks[:npro]), _hook_args(epi, hooks[npro:]),
-               numba.get_num_threads())
+               numba.get_num_threads(), accumulate)
     return fn, (dy, w, dx) + tuple(pro_args) + tuple(epi_args), cost
 
 

@@ -4,7 +4,9 @@ and peak memory is computed before anything is allocated.
 
 A step's arguments are constants or references to tensors: `R(name)` is read, `W(name)` is
 written whole, `RW(name)` is read and written (an accumulation or an in-place update). A tensor
-declared `inplace_of` another shares its buffer (ReLU in place). Persistent tensors
+declared `inplace_of` another shares its buffer (ReLU in place); one declared `slice_of`
+(base, offset) is the channel slice base[..., offset:offset + C] of another (DenseNet's
+block buffer and its gradient, written piece by piece). Persistent tensors
 (parameters, their gradients, the input, labels and loss) live for the whole iteration; every
 other tensor lives from its first step to its last.
 """
@@ -42,6 +44,7 @@ class TensorSpec:
     dtype: type = np.float32
     persistent: bool = False
     inplace_of: str | None = None
+    slice_of: tuple | None = None  # (tensor, channel offset)
 
     @property
     def nbytes(self) -> int:
@@ -66,10 +69,15 @@ class Plan:
     tensors: dict = field(default_factory=dict)
     steps: list = field(default_factory=list)
 
-    def tensor(self, name, shape, dtype=np.float32, persistent=False, inplace_of=None) -> str:
+    def tensor(self, name, shape, dtype=np.float32, persistent=False, inplace_of=None,
+               slice_of=None) -> str:
         if name in self.tensors:
             raise ValueError(f"tensor {name} declared twice")
-        self.tensors[name] = TensorSpec(tuple(shape), dtype, persistent, inplace_of)
+        if slice_of is not None:
+            base = self.tensors[slice_of[0]]
+            if base.shape[:-1] != tuple(shape[:-1]) or slice_of[1] + shape[-1] > base.shape[-1]:
+                raise ValueError(f"tensor {name} {shape} is no channel slice of {slice_of}")
+        self.tensors[name] = TensorSpec(tuple(shape), dtype, persistent, inplace_of, slice_of)
         return name
 
     def step(self, name, kind, phase, fn, args, cost) -> None:
@@ -80,9 +88,14 @@ class Plan:
 
     # --- buffers and lifetimes ----------------------------------------------------------
     def base(self, name) -> str:
-        while self.tensors[name].inplace_of is not None:
-            name = self.tensors[name].inplace_of
+        t = self.tensors[name]
+        while t.inplace_of is not None or t.slice_of is not None:
+            name = t.inplace_of or t.slice_of[0]
+            t = self.tensors[name]
         return name
+
+    def owns_buffer(self, t) -> bool:
+        return t.inplace_of is None and t.slice_of is None
 
     def lifetimes(self) -> dict:
         """Base tensor -> (first step, last step) for every transient buffer."""
@@ -101,7 +114,7 @@ class Plan:
         return life
 
     def persistent_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values() if t.persistent and t.inplace_of is None)
+        return sum(t.nbytes for t in self.tensors.values() if t.persistent and self.owns_buffer(t))
 
     def peak_bytes(self) -> int:
         """The most tensor memory live at once: persistent tensors plus live transients."""
@@ -120,7 +133,7 @@ class Plan:
             starts.setdefault(first, []).append(b)
             ends.setdefault(last, []).append(b)
         for name, t in self.tensors.items():
-            if t.persistent and t.inplace_of is None:
+            if t.persistent and self.owns_buffer(t):
                 arrays[name] = np.zeros(t.shape, t.dtype)
         for i in range(len(self.steps)):
             for b in starts.get(i, ()):
@@ -135,9 +148,13 @@ class Plan:
                 arrays[b] = flat[:t.nbytes].view(t.dtype).reshape(t.shape)
             for b in ends.get(i, ()):
                 free.append(flats[b])
-        for name, t in self.tensors.items():
+        for name, t in self.tensors.items():  # views, declared after what they view
             if t.inplace_of is not None and self.base(name) in arrays:
-                arrays[name] = arrays[self.base(name)].reshape(t.shape)
+                arrays[name] = arrays[t.inplace_of].view()
+                arrays[name].shape = t.shape  # a view, never a copy
+            elif t.slice_of is not None and self.base(name) in arrays:
+                of, off = t.slice_of
+                arrays[name] = arrays[of][..., off:off + t.shape[-1]]
         return arrays
 
     def bind(self, arrays) -> list:

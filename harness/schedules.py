@@ -15,6 +15,7 @@ OPTIONS = {
     "fission": Options(bn="split"),
     "bnff-fwd": Options(bn="split", fuse_forward=True),
     "bnff": Options(bn="split", fuse_forward=True, fuse_backward=True),
+    "bnff+": Options(bn="split", fuse_forward=True, fuse_backward=True, blocks=True),
 }
 FLOAT32 = list(OPTIONS)
 

@@ -8,7 +8,7 @@ from harness.executor import Executor
 from harness.schedules import FLOAT32
 from suites import networks
 
-ORDER = ["caffe", "baseline", "fission", "bnff-fwd", "bnff"]
+ORDER = ["caffe", "baseline", "fission", "bnff-fwd", "bnff", "bnff+"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ SITES = {
     # conv -> BN -> ReLU -> conv: everything fuses
     "plain": ("resnet50", ("layer1.0.bn1", "layer1.0.relu1"), 16 * 56 * 56 * 64 * 4,
               dict(caffe=(8, 11), baseline=(5, 8), fission=(3, 6), **{"bnff-fwd": (0, 6)},
-                   bnff=(0, 0))),
+                   bnff=(0, 0), **{"bnff+": (0, 0)})),
     # ResNet block end, identity shortcut: BN -> add -> ReLU, written once when split.
     # baseline fwd: stats 1 + normalize 2 + add 3 + ReLU in place 2; bwd: ReLU 3, the
     # shortcut's copy of the gradient 2, BN 5. Split: normalize+add+ReLU 3; backward the
@@ -40,12 +40,14 @@ SITES = {
     "block end": ("resnet50", ("layer1.1.bn3", "layer1.1.add", "layer1.1.relu3"),
                   16 * 56 * 56 * 256 * 4,
                   dict(caffe=(11, 13), baseline=(8, 10), fission=(4, 9),
-                       **{"bnff-fwd": (3, 9)}, bnff=(3, 6))),
-    # DenseNet: BN of a concat (statistics in their own pass), normalize into the conv
+                       **{"bnff-fwd": (3, 9)}, bnff=(3, 6), **{"bnff+": (3, 6)})),
+    # DenseNet: BN of a concat (statistics in their own pass), normalize into the conv; in
+    # bnff+ the statistics come from the block's vectors and dx is added into the slice of
+    # the block's gradient (reading it: 4)
     "concat input": ("densenet121", ("block1.layer3.norm1", "block1.layer3.relu1"),
                      16 * 56 * 56 * 128 * 4,
                      dict(caffe=(8, 11), baseline=(5, 8), fission=(3, 6),
-                          **{"bnff-fwd": (1, 6)}, bnff=(1, 3))),
+                          **{"bnff-fwd": (1, 6)}, bnff=(1, 3), **{"bnff+": (0, 4)})),
 }
 
 
@@ -74,3 +76,15 @@ def test_each_step_of_restructuring_moves_fewer_bytes(plans, net):
     total = [plans[net][s].cost().bytes for s in ORDER]
     assert total == sorted(total, reverse=True) and len(set(total)) == len(total)
     assert plans[net]["bnff"].peak_bytes() < plans[net]["baseline"].peak_bytes()
+    assert plans[net]["bnff+"].peak_bytes() <= plans[net]["bnff"].peak_bytes()
+
+
+def test_block_buffer_copies_only_block_inputs(plans):
+    """bnff+ on DenseNet-121: the only concat traffic is each block input copied into its
+    buffer (read + write) and its gradient copied out (read + write): 4 S per block, against
+    a copy of every feature into every later concat in bnff."""
+    s = sum(16 * h * h * c * 4 for h, c in ((56, 64), (28, 128), (14, 256), (7, 512)))
+    concat = lambda sch: sum(st.cost.bytes for st in plans["densenet121"][sch].steps
+                             if st.kind == "concat")
+    assert concat("bnff+") == 4 * s
+    assert concat("bnff") > 30 * concat("bnff+")

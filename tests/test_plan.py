@@ -71,3 +71,25 @@ def test_costs_add_up():
     p.steps[0].cost = Cost(10, 4000, 4000)
     p.steps[1].cost = Cost(5, 4000, 0)
     assert p.cost() == Cost(15, 8000, 4000)
+
+
+def test_channel_slices_are_views_of_one_buffer():
+    """A block buffer written slice by slice: slices share its memory and its lifetime, and
+    only the buffer counts towards peak memory."""
+    p = Plan()
+    p.tensor("x", (2, 3), persistent=True)
+    p.tensor("buf", (2, 5))
+    p.tensor("f0", (2, 3), slice_of=("buf", 0))
+    p.tensor("f1", (2, 2), slice_of=("buf", 3))
+    p.tensor("out", (2, 5), persistent=True)
+    p.step("a", "other", "forward", _copy_add, (R("x"), W("f0")), NO_COST)
+    p.step("b", "other", "forward", lambda a: a.fill(7), (W("f1"),), NO_COST)
+    p.step("c", "other", "forward", _copy_add, (R("buf"), W("out")), NO_COST)
+    assert p.lifetimes() == {"buf": (0, 2)}
+    assert p.peak_bytes() == 4 * (6 + 10 + 10)
+    arrays = p.allocate()
+    assert np.shares_memory(arrays["f1"], arrays["buf"])
+    p.run(p.bind(arrays))
+    assert np.all(arrays["out"] == [[2, 2, 2, 8, 8]] * 2)
+    with pytest.raises(ValueError, match="no channel slice"):
+        p.tensor("bad", (2, 3), slice_of=("buf", 3))
