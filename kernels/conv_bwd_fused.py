@@ -282,12 +282,16 @@ def main(argv=None):
     import time
 
     ap = argparse.ArgumentParser(prog="python -m kernels.conv_bwd_fused", description=main.__doc__)
-    ap.add_argument("shapes", nargs="*", default=list(BENCH), choices=list(BENCH))
+    ap.add_argument("shapes", nargs="*", help=f"some of {', '.join(BENCH)} (default: all)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
-    for name in args.shapes:
+    if set(args.shapes) - set(BENCH):
+        ap.error(f"unknown shapes {sorted(set(args.shapes) - set(BENCH))}")
+    print(f"batch {args.batch}, {get_num_threads()} threads, median of {args.reps} after a "
+          "warm-up call")
+    for name in args.shapes or BENCH:
         ic, hw, oc, s = BENCH[name]
         for hooks in (False, True):
             st = ConvBackward1x1(dict(mb=args.batch, ic=ic, ih=hw, iw=hw, oc=oc, kh=1, kw=1,
@@ -296,6 +300,7 @@ def main(argv=None):
             if args.check:
                 ref = st.reference(ins)
                 for v in st.variants:
+                    out = {k: np.full_like(a, np.nan) for k, a in out.items()}
                     t0 = time.perf_counter()
                     st.run(v, ins, out)
                     print(f"{st.descriptor()} {v}: first call {time.perf_counter() - t0:.2f} s, "
