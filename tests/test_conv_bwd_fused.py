@@ -47,8 +47,11 @@ def test_variants_match_reference(shape):
 @pytest.mark.parametrize("shape", [(64, 128, 1, 7), (13, 40, 2, 9)],
                          ids=lambda s: "ic%d-oc%d-s%d-hw%d" % s)
 @pytest.mark.parametrize("ntasks", [2, 3])
-def test_hooks_match_two_hooked_kernels(shape, ntasks):
-    """bn_relu_grad on dy, bn_relu on x, relu_sums on dx: one pass = bwd-data + bwd-weights."""
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_hooks_match_two_hooked_kernels(shape, ntasks, accumulate):
+    """bn_relu_grad on dy, bn_relu on x, relu_sums on dx: one pass = bwd-data + bwd-weights.
+    With accumulate, dx starts nonzero, so the sums also see whether the epilogue ran on the
+    dx pixels a stride-2 conv does not reach."""
     ic, oc, s, _ = shape
     st = stage(*shape)
     rng = np.random.default_rng(2)
@@ -60,18 +63,21 @@ def test_hooks_match_two_hooked_kernels(shape, ntasks):
     px = (vec(ic), vec(ic))
     xd = rng.standard_normal(x.shape, dtype=np.float32)  # pre-BN tensor of the layer below
     ad, bd = vec(ic), vec(ic)
+    dx0 = rng.standard_normal(x.shape, dtype=np.float32)
 
     def run(fused):
         out = nan_outputs(st)
+        if accumulate:
+            out["dx"][...] = dx0
         s1, s2 = np.zeros((ntasks, ic)), np.zeros((ntasks, ic))
         epi = pixels(xd) + (ad, bd, s1, s2)
         if fused:
             conv = bf.make_conv_backward_1x1(bn_relu_grad_prologue, bn_relu_prologue,
                                              relu_sums_epilogue)
-            conv(x, dz, w, out["dx"], out["dw"], s, pdy, px, epi, ntasks)
+            conv(x, dz, w, out["dx"], out["dw"], s, pdy, px, epi, ntasks, accumulate)
         else:
             make_conv_backward_data(bn_relu_grad_prologue, relu_sums_epilogue)(
-                dz, w, out["dx"], s, 0, pdy, epi, ntasks)
+                dz, w, out["dx"], s, 0, pdy, epi, ntasks, accumulate)
             make_conv_backward_weights(bn_relu_prologue, bn_relu_grad_prologue)(
                 x, dz, out["dw"], s, 0, px, pdy, ntasks)
         return out, s1.sum(0), s2.sum(0)
@@ -80,7 +86,7 @@ def test_hooks_match_two_hooked_kernels(shape, ntasks):
     assert st.max_rel_error(got, want) < 1e-5
     np.testing.assert_allclose(g1, w1, rtol=1e-5, atol=1e-4 * np.abs(w1).max())
     np.testing.assert_allclose(g2, w2, rtol=1e-5, atol=1e-4 * np.abs(w2).max())
-    # the sums are over the masked dx the kernel wrote (zeros included at stride 2)
+    # the sums are over the masked dx the kernel wrote, every pixel of it
     mask = (ad * xd.astype(np.float64) + bd > 0)
     np.testing.assert_allclose(g1, (got["dx"] * mask).sum((0, 1, 2)), rtol=1e-6,
                                atol=1e-6 * np.abs(w1).max())
@@ -101,7 +107,7 @@ def test_channel_slices_and_accumulate(stride):
         buf[..., c0:c0 + a.shape[3]] = a
         return buf, buf[..., c0:c0 + a.shape[3]]
 
-    (xb, x), (yb, dy) = widened(ins["x"]), widened(ins["dy"])
+    (_, x), (_, dy) = widened(ins["x"]), widened(ins["dy"])
     dx0 = rng.standard_normal(out["dx"].shape, dtype=np.float32)
     db, dx = widened(dx0)
     before = db.copy()
