@@ -25,7 +25,8 @@ sum(dy * (x - k)) + k * s1 with k = X[0] per channel, so its float32 tiles do no
 centered part when |mean| >> std (the same shift as stats_shifted).
 
 Kernels ([M, C] float32 views, C-contiguous rows or channel slices of a wider buffer; vectors
-float32 [C]; s1, s2 float64; outputs last, written; DX of bn_dx_add read and written):
+float32 [C]; s1, s2 float64; outputs last, written; DX of bn_dx_add read and written; the dx
+kernels run on flat rows with strides (conv_common.pixels), so a slice vectorizes too):
     bn_coefficients(mean, var, gamma, beta, eps, a, b)
     normalize_relu(X, a, b, Y)
     normalize_add_relu(X, a, b, S, Y)
@@ -51,6 +52,7 @@ from numba import njit, prange
 
 from kernels import reference as ref
 from kernels.bn_stats import BLOCKS, TILE_ROWS, block_rows, merge_blocks
+from kernels.conv_common import pixels
 from kernels.stage import F32, Cost, Stage
 
 F64 = 8  # bytes per float64
@@ -243,51 +245,54 @@ def dy_sums(DY, X, s1, s2):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
+def dx_rows(dy, ldy, x, ldx, a, p, q, dx, ldd, m, accumulate):
+    """dx (+)= a*dy + p*x + q over m rows of flat arrays with row strides ldy, ldx, ldd."""
+    c = a.shape[0]
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for r in range(r0, r1):
+            oy, ox, od = r * ldy, r * ldx, r * ldd
+            for j in range(c):
+                v = a[j] * dy[oy + j] + p[j] * x[ox + j] + q[j]
+                dx[od + j] = dx[od + j] + v if accumulate else v
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def relu_dx_rows(dz, ldz, x, ldx, af, bf, a, p, q, dx, ldd, m, accumulate):
+    """dx (+)= a*dz*[af*x + bf > 0] + p*x + q over m rows of flat arrays with row strides.
+    Both operands of the mask's select are loaded first: a load under the condition would
+    be a branch per element."""
+    c = a.shape[0]
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for r in range(r0, r1):
+            oz, ox, od = r * ldz, r * ldx, r * ldd
+            for j in range(c):
+                xv = x[ox + j]
+                g = dz[oz + j]
+                g = g if af[j] * xv + bf[j] > 0 else np.float32(0.0)
+                v = a[j] * g + p[j] * xv + q[j]
+                dx[od + j] = dx[od + j] + v if accumulate else v
+
+
 def bn_dx(DY, X, a, p, q, DX):
     """DX = a*DY + p*X + q: reads DY and X, writes DX."""
-    m, c = X.shape
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                DX[r, j] = a[j] * DY[r, j] + p[j] * X[r, j] + q[j]
+    dx_rows(*pixels(DY), *pixels(X), a, p, q, *pixels(DX), X.shape[0], False)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
 def bn_dx_add(DY, X, a, p, q, DX):
     """DX += a*DY + p*X + q: reads DY, X and DX, writes DX (a gradient several consumers feed)."""
-    m, c = X.shape
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                DX[r, j] += a[j] * DY[r, j] + p[j] * X[r, j] + q[j]
+    dx_rows(*pixels(DY), *pixels(X), a, p, q, *pixels(DX), X.shape[0], True)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
 def bn_relu_dx(DZ, X, af, bf, a, p, q, DX):
     """DX = a*DZ*[af*X + bf > 0] + p*X + q: reads DZ and X, writes DX."""
-    m, c = X.shape
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                xv = X[r, j]
-                g = DZ[r, j] if af[j] * xv + bf[j] > 0 else np.float32(0.0)
-                DX[r, j] = a[j] * g + p[j] * xv + q[j]
+    relu_dx_rows(*pixels(DZ), *pixels(X), af, bf, a, p, q, *pixels(DX), X.shape[0], False)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
 def bn_relu_dx_add(DZ, X, af, bf, a, p, q, DX):
     """DX += a*DZ*[af*X + bf > 0] + p*X + q: reads DZ, X and DX, writes DX."""
-    m, c = X.shape
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                xv = X[r, j]
-                g = DZ[r, j] if af[j] * xv + bf[j] > 0 else np.float32(0.0)
-                DX[r, j] += a[j] * g + p[j] * xv + q[j]
+    relu_dx_rows(*pixels(DZ), *pixels(X), af, bf, a, p, q, *pixels(DX), X.shape[0], True)
 
 
 # --- stages -----------------------------------------------------------------------------------

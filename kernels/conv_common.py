@@ -72,18 +72,21 @@ def from_ohwi(w_ohwi: np.ndarray) -> np.ndarray:
 
 
 def pixels(a: np.ndarray) -> tuple[np.ndarray, int]:
-    """An NHWC float32 array whose channels are contiguous and whose pixels are evenly spaced,
-    possibly further apart than its channel count (a channel slice `buf[..., c0:c1]` of a wider
-    buffer), as (flat, ps): element (pixel p, channel c) is flat[p * ps + c], flat a 1-D
-    C-contiguous view from a[0, 0, 0, 0] to the last element (writes go to a's memory)."""
-    n, h, w, c = a.shape
-    isz = a.itemsize
-    ps = a.strides[2] // isz if a.size else c
-    if a.dtype != np.float32 or (c > 1 and a.strides[3] != isz) or ps < c or \
-            (h > 1 and a.strides[1] != w * ps * isz) or (n > 1 and a.strides[0] != h * w * ps * isz):
-        raise ValueError(f"not a channel slice of a contiguous NHWC float32 buffer: "
+    """A float32 array whose last axis (channels) is contiguous and whose rows (pixels: all
+    other axes) are evenly spaced, possibly further apart than its channel count (a channel
+    slice `buf[..., c0:c1]` of a wider buffer), as (flat, ps): element (row p, channel c) is
+    flat[p * ps + c], flat a 1-D C-contiguous view from a's first to its last element (writes
+    go to a's memory)."""
+    c, isz = a.shape[-1], a.itemsize
+    m = a.size // c if c else 0
+    ps = a.strides[-2] // isz if a.size else c
+    even = all(a.strides[i] == a.strides[i + 1] * a.shape[i + 1] or a.shape[i] == 1
+               for i in range(a.ndim - 2))
+    if a.dtype != np.float32 or a.ndim < 2 or (c > 1 and a.strides[-1] != isz) or ps < c or \
+            not even:
+        raise ValueError(f"not a channel slice of a contiguous float32 buffer: "
                          f"shape {a.shape}, strides {a.strides}, {a.dtype}")
-    span = (n * h * w - 1) * ps + c if a.size else 0
+    span = (m - 1) * ps + c if a.size else 0
     return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(isz,)), ps
 
 
