@@ -246,33 +246,45 @@ def dy_sums(DY, X, s1, s2):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def dx_rows(dy, ldy, x, ldx, a, p, q, dx, ldd, m, accumulate):
-    """dx (+)= a*dy + p*x + q over m rows of flat arrays with row strides ldy, ldx, ldd."""
+    """dx (+)= a*dy + p*x + q over m rows of flat arrays with row strides ldy, ldx, ldd.
+    Each row is a contiguous 1-D view and the accumulate test is outside the loops over it:
+    with flat indices, or the test inside, the loop stayed scalar (4x slower)."""
     c = a.shape[0]
     for blk in prange(BLOCKS):
         r0, r1 = block_rows(blk, BLOCKS, m)
         for r in range(r0, r1):
-            oy, ox, od = r * ldy, r * ldx, r * ldd
-            for j in range(c):
-                v = a[j] * dy[oy + j] + p[j] * x[ox + j] + q[j]
-                dx[od + j] = dx[od + j] + v if accumulate else v
+            yr = dy[r * ldy:r * ldy + c]
+            xr = x[r * ldx:r * ldx + c]
+            dr = dx[r * ldd:r * ldd + c]
+            if accumulate:
+                for j in range(c):
+                    dr[j] += a[j] * yr[j] + p[j] * xr[j] + q[j]
+            else:
+                for j in range(c):
+                    dr[j] = a[j] * yr[j] + p[j] * xr[j] + q[j]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def relu_dx_rows(dz, ldz, x, ldx, af, bf, a, p, q, dx, ldd, m, accumulate):
-    """dx (+)= a*dz*[af*x + bf > 0] + p*x + q over m rows of flat arrays with row strides.
-    Both operands of the mask's select are loaded first: a load under the condition would
-    be a branch per element."""
+    """dx (+)= a*dz*[af*x + bf > 0] + p*x + q over m rows of flat arrays with row strides,
+    organized as dx_rows."""
     c = a.shape[0]
     for blk in prange(BLOCKS):
         r0, r1 = block_rows(blk, BLOCKS, m)
         for r in range(r0, r1):
-            oz, ox, od = r * ldz, r * ldx, r * ldd
-            for j in range(c):
-                xv = x[ox + j]
-                g = dz[oz + j]
-                g = g if af[j] * xv + bf[j] > 0 else np.float32(0.0)
-                v = a[j] * g + p[j] * xv + q[j]
-                dx[od + j] = dx[od + j] + v if accumulate else v
+            zr = dz[r * ldz:r * ldz + c]
+            xr = x[r * ldx:r * ldx + c]
+            dr = dx[r * ldd:r * ldd + c]
+            if accumulate:
+                for j in range(c):
+                    xv = xr[j]
+                    g = zr[j] if af[j] * xv + bf[j] > 0 else np.float32(0.0)
+                    dr[j] += a[j] * g + p[j] * xv + q[j]
+            else:
+                for j in range(c):
+                    xv = xr[j]
+                    g = zr[j] if af[j] * xv + bf[j] > 0 else np.float32(0.0)
+                    dr[j] = a[j] * g + p[j] * xv + q[j]
 
 
 def bn_dx(DY, X, a, p, q, DX):

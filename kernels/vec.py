@@ -14,6 +14,7 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.extending import _Intrinsic
 from numba.extending import intrinsic, models, register_model
 
 W = 8  # lanes
@@ -174,3 +175,15 @@ def prefetch(typingctx, a, i):
                           i32(3), i32(1)])
         return context.get_dummy_value()
     return types.void(a, i), codegen
+
+
+def _stable_identities():
+    """Deterministic uuids for the intrinsics: conv hooks that use them are closure variables
+    of the conv engines, and Numba keys a closure's on-disk cache entry by pickling them (an
+    intrinsic pickles as a random uuid otherwise: a recompile in every process)."""
+    for name, obj in globals().items():
+        if isinstance(obj, _Intrinsic):
+            obj._set_uuid(f"bnff:kernels.vec.{name}")
+
+
+_stable_identities()
