@@ -206,43 +206,58 @@ class SplitLowering(Lowering):
 
     def conv_backward(self, n):
         x, xs = n.inputs[0], self.shapes[n.inputs[0]]
-        # the incoming gradient: d:n, or formed from the site's dy when n produces a BN input
-        dy, pro_dy, pdy_args = R(f"d:{n.name}"), None, ()
-        t = self.by_x.get(n.name)
-        if t is not None and self.dx_in_prologue(t):
-            dy = R(self.dy_of(t))
-            mask = tuple(R(self.vec(t, v)) for v in ("a", "b")) if self.unmasked(t) else ()
-            pro_dy = "bn_relu_grad" if mask else "bn_grad"
-            pdy_args = (R(t.x),) + mask + tuple(R(self.vec(t, v)) for v in ("ga", "gp", "gq"))
-        # the input: x, or z recomputed from the pre-BN tensor when z was never written
-        src, pro_x, px_args = x, None, ()
-        s = self.by_out.get(x)
-        if s is not None and s.consumer is n and self.norm_in_prologue(s):
-            src, pro_x = s.x, ("bn_relu" if s.relu else "bn")
-            px_args = (R(self.vec(s, "a")), R(self.vec(s, "b")))
+        dy, pro_dy, pdy_args = self.grad_operand(n)
+        src, pro_x, px_args = self.input_operand(n)
         self.step(n, "bwd-weights", "conv", "backward", fo.conv_bwd_weights_fused_call(
             R(src), dy, W(f"grad:{n.name}.weight"), xs, n, pro_x, px_args, pro_dy, pdy_args))
         if x == INPUT:
             return
-        if s is not None and s.consumer is n and self.sums_in_epilogue(s):
-            c = xs[3]
-            parts = tuple(W(self.vec(s, v, fo.partials_shape(c), np.float64))
-                          for v in ("bs1", "bs2"))
-            if s.relu:
-                epi = "relu_sums"
-                epi_args = (R(s.x), R(self.vec(s, "a")), R(self.vec(s, "b"))) + parts
-            else:
-                epi, epi_args = "sums", (R(s.x),) + parts
-            self.seen.add(x)
-            self.plan.tensor(self.dy_of(s), xs)
+        e = self.data_epilogue(n)
+        if e is not None:
+            out, epi, epi_args = e
             self.step(n, f"bwd-data +{epi} epilogue", "conv", "backward",
-                      fo.conv_bwd_data_fused_call(dy, R(f"{n.name}.weight"),
-                                                   W(self.dy_of(s)), xs, n, pro_dy, pdy_args,
-                                                   epi, epi_args))
+                      fo.conv_bwd_data_fused_call(dy, R(f"{n.name}.weight"), W(out), xs, n,
+                                                   pro_dy, pdy_args, epi, epi_args))
             return
         self.contribute(n, "bwd-data", "conv", x, lambda d, acc: fo.conv_bwd_data_fused_call(
             dy, R(f"{n.name}.weight"), d, xs, n, pro_dy, pdy_args, None, (), acc),
             native=self.conv_data_native)
+
+    def grad_operand(self, n):
+        """The conv's incoming gradient: d:n, or formed from the site's dy in the prologue
+        when n produces a BN input: (ref, prologue, its args)."""
+        t = self.by_x.get(n.name)
+        if t is None or not self.dx_in_prologue(t):
+            return R(f"d:{n.name}"), None, ()
+        mask = tuple(R(self.vec(t, v)) for v in ("a", "b")) if self.unmasked(t) else ()
+        return (R(self.dy_of(t)), "bn_relu_grad" if mask else "bn_grad",
+                (R(t.x),) + mask + tuple(R(self.vec(t, v)) for v in ("ga", "gp", "gq")))
+
+    def input_operand(self, n):
+        """The conv's input: x, or z recomputed from the pre-BN tensor in the prologue when z
+        was never written: (name, prologue, its args)."""
+        x = n.inputs[0]
+        s = self.by_out.get(x)
+        if s is None or s.consumer is not n or not self.norm_in_prologue(s):
+            return x, None, ()
+        return s.x, ("bn_relu" if s.relu else "bn"), (R(self.vec(s, "a")), R(self.vec(s, "b")))
+
+    def data_epilogue(self, n):
+        """When n consumes a BN site whose backward sums go into n's backward-data epilogue:
+        (the site's dy tensor, now declared, epilogue, its args); else None."""
+        x, xs = n.inputs[0], self.shapes[n.inputs[0]]
+        s = self.by_out.get(x)
+        if s is None or s.consumer is not n or not self.sums_in_epilogue(s):
+            return None
+        parts = tuple(W(self.vec(s, v, fo.partials_shape(xs[3]), np.float64))
+                      for v in ("bs1", "bs2"))
+        if s.relu:
+            epi, epi_args = "relu_sums", (R(s.x), R(self.vec(s, "a")), R(self.vec(s, "b"))) + parts
+        else:
+            epi, epi_args = "sums", (R(s.x),) + parts
+        self.seen.add(x)
+        self.plan.tensor(self.dy_of(s), xs)
+        return self.dy_of(s), epi, epi_args
 
     def bn_backward_split(self, s):
         n, shape, eps = s.bn, self.shapes[s.x], s.bn["eps"]

@@ -8,7 +8,7 @@ import numpy as np
 
 from harness.ops import conv_shape, default_kernel, dims, on_view
 from kernels import (bn_fused, bn_scale, bn_stats, bnff_hooks, conv_bwd_data,
-                     conv_bwd_weights, conv_common, conv_fwd)
+                     conv_bwd_fused, conv_bwd_weights, conv_common, conv_fwd)
 from kernels.stage import F32, Cost
 
 
@@ -195,6 +195,29 @@ def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args,
         kernel(dy, w, dx, s, p, _hook_args(pro, hooks[:npro]), _hook_args(epi, hooks[npro:]),
                numba.get_num_threads(), accumulate)
     return fn, (dy, w, dx) + tuple(pro_args) + tuple(epi_args), cost
+
+
+def conv_bwd_1x1_fused_call(x, dy, w, dx, dw, xs, node, pro_x, px_args, pro_dy, pdy_args,
+                            epi, epi_args, accumulate):
+    """Both gradients of a 1x1 conv in one pass over dy (conv_bwd_fused), with the hooks of
+    conv_bwd_data_fused_call and conv_bwd_weights_fused_call."""
+    kernel = conv_bwd_fused.make_conv_backward_1x1(PROLOGUES[pro_dy], PROLOGUES[pro_x],
+                                                   EPILOGUES[epi])
+    ys = conv_out_shape(xs, node)
+    cost = conv_bwd_fused.ConvBackward1x1(conv_shape(xs, node)).cost("one_pass")
+    cost = cost + Cost(0, _hook_bytes(pro_dy, ys) + _hook_bytes(epi, xs), 0)
+    if accumulate:
+        cost = cost + Cost(int(np.prod(xs)), int(np.prod(xs)) * F32, 0)
+    s, npx, npdy = node["stride"], len(px_args), len(pdy_args)
+
+    def fn(x, dy, w, dx, dw, *hooks):
+        if epi:
+            for part in hooks[-2:]:
+                part[...] = 0.0
+        kernel(x, dy, w, dx, dw, s, _hook_args(pro_dy, hooks[npx:npx + npdy]),
+               _hook_args(pro_x, hooks[:npx]), _hook_args(epi, hooks[npx + npdy:]),
+               numba.get_num_threads(), accumulate)
+    return fn, (x, dy, w, dx, dw) + tuple(px_args) + tuple(pdy_args) + tuple(epi_args), cost
 
 
 def conv_bwd_weights_fused_call(x, dy, dw, xs, node, pro_x, px_args, pro_dy, pdy_args):
