@@ -16,6 +16,12 @@ compute-bound one (bound: flops/bytes against the ridge fma/triad).
 
 pct_sgemm (conv rows only) is GFLOP/s over numpy sgemm's at the same thread count.
 
+The bnff forms of a BN site's convs are stages of their own, each with a `separate` variant
+(the passes fission runs) beside the `fused` one, so bytes and time of both sit side by side:
+conv_fwd_bn_relu and conv_bwd_data_relu_sums (kernels/conv_fused.py) for every conv fed by
+BN -> ReLU, and conv_bwd_1x1 with the BN gradient formed in its prologue (two_kernels vs
+one_pass, kernels/conv_bwd_fused.py) for every 1x1 conv.
+
 Target checks (printed), per thread count:
 - memory: the byte-weighted mean pct_roofline of the default variants of memory-bound stages
   whose footprint (the bytes of all their inputs and outputs) exceeds twice the LLC. At batch
@@ -33,6 +39,7 @@ import importlib.util
 import statistics
 import sys
 import time
+from functools import partial
 
 import numba
 import numpy as np
@@ -48,6 +55,8 @@ from kernels.bn_normalize import BNNormalize
 from kernels.bn_fused import BN2AddReLU, BNAddReLU, BNDx, BNReLU, BNReLUDx, ReLUMaskSums
 from kernels.bn_stats import BNStats
 from kernels.concat import ConcatBackward, ConcatForward
+from kernels.conv_bwd_fused import ConvBackward1x1
+from kernels.conv_fused import ConvBwdDataReLUSums, ConvFwdBNReLU
 from kernels.linear import LinearBackward, LinearForward
 from kernels.loss import SoftmaxCrossEntropy
 from kernels.pool import (AvgPoolBackward, AvgPoolForward, GlobalAvgPoolBackward,
@@ -80,6 +89,15 @@ def conv_classes() -> dict:
     return out
 
 
+HOOKED_1X1 = partial(ConvBackward1x1, hooks=True)  # bnff+'s one-pass form, gradient formed
+
+
+def bn_relu_output(graph, name) -> bool:
+    p = graph.by_name.get(name)
+    return p is not None and p.op == "relu" and p.inputs[0] in graph.by_name and \
+        graph.by_name[p.inputs[0]].op == "batchnorm"
+
+
 def stages_of(graph, batch: int, image: int) -> list:
     """[(Stage, count)] of one training iteration, in first-use order, deduplicated."""
     shapes = graph.infer_shapes(batch, image)
@@ -108,6 +126,11 @@ def stages_of(graph, batch: int, image: int) -> list:
             for key, cls in conv.items():
                 if key != "bwd_data" or x != INPUT:  # no gradient for the network input
                     add(cls, shape)
+            if bn_relu_output(graph, x):  # bnff's forms of the convs of a BN site
+                add(ConvFwdBNReLU, shape)
+                add(ConvBwdDataReLUSums, shape)
+            if node["kernel"] == 1 and node["padding"] == 0 and x != INPUT:
+                add(HOOKED_1X1, shape)
         elif node.op == "batchnorm":
             if shapes[x][0] * shapes[x][2] * shapes[x][3] == 1:
                 raise UserError(f"node {node.name}: training-mode batch norm needs more than one "

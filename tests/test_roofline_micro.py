@@ -89,6 +89,10 @@ def test_stages_of_is_deduplicated_and_counted():
     assert sum(c for st, c in items if st.name == "bn_relu") == bn
     relu = sum(c for st, c in items if st.name == "relu_fwd")
     assert relu == sum(1 for n in g.nodes if n.op == "relu")
+    fed = sum(1 for n in g.nodes if n.op == "conv2d" and micro.bn_relu_output(g, n.inputs[0]))
+    assert sum(c for st, c in items if st.name == "conv_fwd_bn_relu") == fed > 0
+    assert sum(c for st, c in items if st.name == "conv_bwd_1x1") == sum(
+        1 for n in g.nodes if n.op == "conv2d" and n["kernel"] == 1)  # the fused convs too
 
 
 def test_stages_of_densenet_concats():
