@@ -15,11 +15,8 @@ Backward, the gradient of the block is one buffer too: the BN reading F writes i
 each BN over a prefix adds its dx into the prefix slice, each conv reads the gradient of
 its feature from its slice, and a copied feature's gradient is copied out once.
 
-Further fusion, in every network: a 1x1 conv's backward computes dx and dW in one pass over
-the gradient (kernels/conv_bwd_fused.py: dy and the tensor its prologue reads are read once,
-and the prologue forming the BN gradient is applied once instead of in two kernels), and
-conv backward-data adds into a gradient that is already started itself (no temporary and
-add pass).
+Further fusion, in every network: conv backward-data adds into a gradient that is already
+started itself (no temporary and add pass).
 """
 from __future__ import annotations
 
@@ -180,20 +177,3 @@ class BlockLowering(SplitLowering):
                                 R(f"d:{b.name}"), d, self.shapes[b.name], self.shapes[n.name],
                                 b.offsets[t], acc), native=True)
         super().backward(n)
-
-    def conv_backward(self, n):
-        x = n.inputs[0]
-        if n["kernel"] != 1 or n["padding"] != 0 or x == INPUT:
-            return super().conv_backward(n)
-        dy, pro_dy, pdy_args = self.grad_operand(n)
-        src, pro_x, px_args = self.input_operand(n)
-        call = lambda d, acc, epi=None, epi_args=(): fo.conv_bwd_1x1_fused_call(
-            R(src), dy, R(f"{n.name}.weight"), d, W(f"grad:{n.name}.weight"),
-            self.shapes[x], n, pro_x, px_args, pro_dy, pdy_args, epi, epi_args, acc)
-        e = self.data_epilogue(n)
-        if e is not None:
-            out, epi, epi_args = e
-            self.step(n, f"bwd data+weights +{epi} epilogue", "conv", "backward",
-                      call(W(out), False, epi, epi_args))
-            return
-        self.contribute(n, "bwd data+weights", "conv", x, call, native=True)

@@ -40,7 +40,7 @@ class SplitLowering(Lowering):
               sums; the producing conv's backward kernels form dx = a*dy + p*x + q in their
               prologue (applying the mask to dz), else one pass writes dx. The consuming
               conv's backward-weights recomputes z from x in its prologue whenever z was not
-              written.
+              written. A 1x1 conv computes both gradients in one pass over dy.
     """
 
     conv_data_native = False  # backward-data adds into a started gradient itself
@@ -208,6 +208,8 @@ class SplitLowering(Lowering):
         x, xs = n.inputs[0], self.shapes[n.inputs[0]]
         dy, pro_dy, pdy_args = self.grad_operand(n)
         src, pro_x, px_args = self.input_operand(n)
+        if self.opt.fuse_backward and n["kernel"] == 1 and n["padding"] == 0 and x != INPUT:
+            return self.conv_backward_1x1(n, dy, pro_dy, pdy_args, src, pro_x, px_args)
         self.step(n, "bwd-weights", "conv", "backward", fo.conv_bwd_weights_fused_call(
             R(src), dy, W(f"grad:{n.name}.weight"), xs, n, pro_x, px_args, pro_dy, pdy_args))
         if x == INPUT:
@@ -222,6 +224,21 @@ class SplitLowering(Lowering):
         self.contribute(n, "bwd-data", "conv", x, lambda d, acc: fo.conv_bwd_data_fused_call(
             dy, R(f"{n.name}.weight"), d, xs, n, pro_dy, pdy_args, None, (), acc),
             native=self.conv_data_native)
+
+    def conv_backward_1x1(self, n, dy, pro_dy, pdy_args, src, pro_x, px_args):
+        """Both gradients of a 1x1 conv in one pass over dy (kernels/conv_bwd_fused.py): dy
+        and the tensor its prologue reads are read once, the prologue applied once."""
+        x = n.inputs[0]
+        call = lambda d, acc, epi=None, epi_args=(): fo.conv_bwd_1x1_fused_call(
+            R(src), dy, R(f"{n.name}.weight"), d, W(f"grad:{n.name}.weight"),
+            self.shapes[x], n, pro_x, px_args, pro_dy, pdy_args, epi, epi_args, acc)
+        e = self.data_epilogue(n)
+        if e is not None:
+            out, epi, epi_args = e
+            self.step(n, f"bwd data+weights +{epi} epilogue", "conv", "backward",
+                      call(W(out), False, epi, epi_args))
+            return
+        self.contribute(n, "bwd data+weights", "conv", x, call, native=self.conv_data_native)
 
     def grad_operand(self, n):
         """The conv's incoming gradient: d:n, or formed from the site's dy in the prologue
