@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from kernels.conv_common import tile_sums
 from kernels.gemm import NR
 from kernels.vec import W, vadd, vfma, vload, vstore, vwhere_pos, vwiden, vzero64
 
@@ -74,27 +75,7 @@ def relu_sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
 def sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
     """Per-task float64 s1 += dy, s2 += dy * x over the tile of d = dy."""
     x, xps, s1, s2 = args
-    o = tid * s1.shape[1] + c0
-    if nc == NR:
-        for h in range(0, NR, W):
-            a1 = vzero64()
-            a2 = vzero64()
-            for r in range(mr):
-                g = vwiden(vload(d, rows[r] * ldc + c0 + h))
-                a1 = vadd(a1, g)
-                a2 = vfma(g, vwiden(vload(x, rows[r] * xps + c0 + h)), a2)
-            vstore(s1, o + h, vadd(vload(s1, o + h), a1))
-            vstore(s2, o + h, vadd(vload(s2, o + h), a2))
-        return
-    for j in range(nc):
-        a1 = 0.0
-        a2 = 0.0
-        for r in range(mr):
-            g = np.float64(d[rows[r] * ldc + c0 + j])
-            a1 += g
-            a2 += g * x[rows[r] * xps + c0 + j]
-        s1.flat[o + j] += a1
-        s2.flat[o + j] += a2
+    tile_sums(d, ldc, x, xps, rows, mr, c0, nc, tid, s1, s2)
 
 
 @njit(inline="always", cache=True, fastmath=True)

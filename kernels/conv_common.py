@@ -123,18 +123,18 @@ def bn_grad_prologue(v, idx, c, args):
 
 
 @njit(inline="always", cache=True, fastmath=True)
-def channel_sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
-    """Per-channel float64 sum and sum of squares of the output tile into args[0/1][tid, c]."""
-    s1, s2 = args
+def tile_sums(d, ldc, x, xps, rows, mr, c0, nc, tid, s1, s2):
+    """s1[tid, c] += sum_r d[r, c], s2[tid, c] += sum_r d[r, c] * x[r, c] over a tile, in
+    float64 (products of float32 values are exact in it); a full tile in vector registers."""
     o = tid * s1.shape[1] + c0
-    if nc == NR:  # a full tile: W channels at a time, in vector registers
+    if nc == NR:
         for h in range(0, NR, W):
             a1 = vzero64()
             a2 = vzero64()
             for r in range(mr):
-                v = vwiden(vload(d, rows[r] * ldc + c0 + h))
-                a1 = vadd(a1, v)
-                a2 = vfma(v, v, a2)
+                g = vwiden(vload(d, rows[r] * ldc + c0 + h))
+                a1 = vadd(a1, g)
+                a2 = vfma(g, vwiden(vload(x, rows[r] * xps + c0 + h)), a2)
             vstore(s1, o + h, vadd(vload(s1, o + h), a1))
             vstore(s2, o + h, vadd(vload(s2, o + h), a2))
         return
@@ -142,11 +142,17 @@ def channel_sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
         a1 = 0.0
         a2 = 0.0
         for r in range(mr):
-            v = np.float64(d[rows[r] * ldc + c0 + j])
-            a1 += v
-            a2 += v * v
+            g = np.float64(d[rows[r] * ldc + c0 + j])
+            a1 += g
+            a2 += g * x[rows[r] * xps + c0 + j]
         s1.flat[o + j] += a1
         s2.flat[o + j] += a2
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def channel_sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
+    """Per-channel float64 sum and sum of squares of the output tile into args[0/1][tid, c]."""
+    tile_sums(d, ldc, d, ldc, rows, mr, c0, nc, tid, args[0], args[1])
 
 
 def stable(hook):
@@ -160,6 +166,9 @@ def stable(hook):
         h = hashlib.sha256(f.__code__.co_code + repr(f.__code__.co_consts).encode())
         hook._set_uuid(f"bnff:{f.__module__}.{f.__qualname__}:{h.hexdigest()[:20]}")
     return hook
+
+
+stable(tile_sums)  # hooks call it: a closure variable's globals are pickled with it
 
 
 # --- the implicit-GEMM engine --------------------------------------------------------------
