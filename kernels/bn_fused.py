@@ -170,7 +170,8 @@ def relu_mask_sums(DZ, X, a, b, DY, s1, s2):
             for r in range(s, min(s + TILE_ROWS, r1)):
                 for j in range(c):
                     x = X[r, j]
-                    g = DZ[r, j] if a[j] * x + b[j] > 0 else np.float32(0.0)
+                    g = DZ[r, j]
+                    g = g if a[j] * x + b[j] > 0 else np.float32(0.0)
                     DY[r, j] = g
                     t1[j] += g
                     t2[j] += g * (x - k[j])
@@ -200,7 +201,8 @@ def relu_mask_sums_z(DZ, Z, X, DY, s1, s2):
             t2[:] = 0.0
             for r in range(s, min(s + TILE_ROWS, r1)):
                 for j in range(c):
-                    g = DZ[r, j] if Z[r, j] > 0 else np.float32(0.0)
+                    g = DZ[r, j]
+                    g = g if Z[r, j] > 0 else np.float32(0.0)
                     DY[r, j] = g
                     t1[j] += g
                     t2[j] += g * (X[r, j] - k[j])
@@ -267,7 +269,8 @@ def dx_rows(dy, ldy, x, ldx, a, p, q, dx, ldd, m, accumulate):
 @njit(parallel=True, fastmath=True, cache=True)
 def relu_dx_rows(dz, ldz, x, ldx, af, bf, a, p, q, dx, ldd, m, accumulate):
     """dx (+)= a*dz*[af*x + bf > 0] + p*x + q over m rows of flat arrays with row strides,
-    organized as dx_rows."""
+    organized as dx_rows. dz is loaded before the mask selects it: a load under the condition
+    becomes a masked vector load, slow on AMD Zen (half the bandwidth)."""
     c = a.shape[0]
     for blk in prange(BLOCKS):
         r0, r1 = block_rows(blk, BLOCKS, m)
@@ -278,12 +281,14 @@ def relu_dx_rows(dz, ldz, x, ldx, af, bf, a, p, q, dx, ldd, m, accumulate):
             if accumulate:
                 for j in range(c):
                     xv = xr[j]
-                    g = zr[j] if af[j] * xv + bf[j] > 0 else np.float32(0.0)
+                    g = zr[j]
+                    g = g if af[j] * xv + bf[j] > 0 else np.float32(0.0)
                     dr[j] += a[j] * g + p[j] * xv + q[j]
             else:
                 for j in range(c):
                     xv = xr[j]
-                    g = zr[j] if af[j] * xv + bf[j] > 0 else np.float32(0.0)
+                    g = zr[j]
+                    g = g if af[j] * xv + bf[j] > 0 else np.float32(0.0)
                     dr[j] = a[j] * g + p[j] * xv + q[j]
 
 
