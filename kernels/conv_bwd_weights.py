@@ -11,9 +11,14 @@ straight into dw), summed at the end: no races, no atomics.
 Variants (all `f(x, dy, dw, stride, pad)`, dw preallocated [OC, KH, KW, IC]):
 1. naive:   tasks are output channels; rank-1 updates of dw[oc] over every pixel.
 2. blocked: tasks are pixel ranges, each with its own partial dw, rank-1 updates per pixel.
-3. gemm:    per task, for each block of its partial dw that fits in L2, BLIS loops over
-            KC-pixel blocks: im2col(x) packed into NR-wide panels (prologue_x applied), dy^T
-            into k-major MR-row micro-panels (prologue_dy applied), 6x16 micro-kernel accumulating.
+3. gemm:    per task, for each block of MC output channels and each block of KC of its
+            pixels: dy^T packed once into k-major MR-row micro-panels (L2), then per block of
+            NCB columns im2col(x) packed into NR-wide panels (L2), 6x16 micro-kernel
+            accumulating into the task's partial dw. Each operand is packed pixel by pixel:
+            the prologue runs along one contiguous row (a long loop LLVM vectorizes) into a
+            small buffer, then 8-float vector moves place the row in the panels (copied per
+            element, 16- or 6-float pieces stayed scalar in the assembly: LLVM unrolls them
+            fully and, unable to prove the source and the panels apart, does not pair them).
 
 For the fused schedules: `make_conv_backward_weights(prologue_x, prologue_dy)` returns the gemm
 kernel
@@ -33,9 +38,10 @@ from kernels import reference as R
 from kernels.conv_common import conv_flops, identity_prologue, pixels, stable, tap_groups
 from kernels.conv_fwd import ConvForward
 from kernels.gemm import KC, MC, MR, NR, tile_kmajor
-
-BLOCK = 48 * 1024  # floats of the dw block a task keeps hot (192 KiB of a >= 256 KiB L2)
+from kernels.vec import W as W8, vload, vstore
 from kernels.stage import F32, Cost
+
+NCB = 256  # columns of dw per B block: KC x NCB floats = 256 KiB, in L2 beside A (<= 144 KiB)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -132,68 +138,97 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
         M = N * OH * OW
         chunk = (M + nt - 1) // nt
         mcb = min(MC, OC)
-        ncb = max(NR, BLOCK // mcb // NR * NR)  # the mcb x ncb block of dw stays in L2
         for tid in prange(nt):
             c2 = dw.reshape(OC, K) if tid == 0 else part[tid - 1]
             c2[:] = 0.0
-            bp = np.empty(ncb * KC, np.float32)
+            bp = np.empty(NCB * KC, np.float32)
             ap = np.empty((mcb + MR - 1) // MR * MR * KC, np.float32)
+            pix = np.empty(KC, np.int64)  # per pixel of the block: (n*H + oh*s)*W + ow*s
+            py = np.empty(KC, np.int64)
+            px = np.empty(KC, np.int64)
+            arow = np.zeros(mcb + W8, np.float32)  # one pixel's row of A, zero past mc
+            brow = np.zeros(NCB + NR, np.float32)  # one pixel's row of B, zero past nc
             rows = np.empty(MR, np.int64)
             scratch = np.empty(MR * NR, np.float32)
             m1 = min(M, (tid + 1) * chunk)
             for r0 in range(0, OC, mcb):
                 mc = min(mcb, OC - r0)
-                for j0 in range(0, K, ncb):
-                    nc = min(ncb, K - j0)
-                    for p0 in range(tid * chunk, m1, KC):
-                        kc = min(KC, m1 - p0)
+                arow[mc:] = 0.0
+                for p0 in range(tid * chunk, m1, KC):
+                    kc = min(KC, m1 - p0)
+                    for p in range(kc):
+                        n = (p0 + p) // (OH * OW)
+                        py[p] = ((p0 + p) // OW - n * OH) * stride
+                        px[p] = (p0 + p - (p0 + p) // OW * OW) * stride
+                        pix[p] = (n * H + py[p]) * W + px[p]
+                    # A = dy^T[r0:r0+mc, p0:p0+kc] k-major in MR-row micro-panels, rows past
+                    # mc zero: ap[(r // MR)*KC*MR + p*MR + r % MR]. Per pixel, the prologue
+                    # runs along the dy row into `arow` (a long loop, vectorized), then 8-float
+                    # vector moves place it: each spills 2 floats into the next pixel's slot,
+                    # written after it (the last pixel of a full block moves 6 scalars).
+                    for p in range(kc):
+                        s = (p0 + p) * yps + r0
+                        for r in range(mc):
+                            i = np.uint64(s + r)
+                            arow[r] = prologue_dy(dy1[i], i, np.uint64(r0 + r), pdy_args)
+                        o = p * MR
+                        if p < KC - 1:
+                            for q in range(0, mc, MR):
+                                vstore(ap, o, vload(arow, q))
+                                o += KC * MR
+                        else:
+                            for q in range(0, mc, MR):
+                                ap[o:o + MR] = arow[q:q + MR]
+                                o += KC * MR
+                    for j0 in range(0, K, NCB):
+                        nc = min(NCB, K - j0)
+                        brow[nc:] = 0.0
                         # B = im2col(x)[p0:p0+kc, j0:j0+nc] in NR-wide panels:
-                        # bp[((k - j0) // NR)*kc*NR + p*NR + (k - j0) % NR]
-                        bp[:(nc + NR - 1) // NR * NR * kc] = 0.0
+                        # bp[((k - j0) // NR)*kc*NR + p*NR + (k - j0) % NR]. Per pixel, its
+                        # im2col row into `brow` (prologue applied along contiguous source runs,
+                        # zero in the padding), then moved to the panels 8 floats at a time.
                         for p in range(kc):
-                            n = (p0 + p) // (OH * OW)
-                            oh = (p0 + p) // OW - n * OH
-                            ow = p0 + p - (n * OH + oh) * OW
                             for g in range(gy.shape[0]):
-                                y = oh * stride + gy[g]
-                                xs = ow * stride + gx[g]
                                 k0 = gt[g] * IC
-                                k = max(k0, k0 - xs * IC, j0)
-                                kb = min(k0 + gl[g] * IC, k0 + (W - xs) * IC, j0 + nc)
-                                if y < 0 or y >= H or k >= kb:
+                                ka = max(k0, j0)
+                                kb = min(k0 + gl[g] * IC, j0 + nc)
+                                if ka >= kb:
                                     continue
-                                c = (k - k0) % IC
-                                base = (((n * H + y) * W + xs) + (k - k0) // IC) * xps
-                                j = (k - j0) % NR
-                                o = ((k - j0) // NR * kc + p) * NR
-                                while k < kb:  # pieces within one panel and one source pixel
-                                    e = min(kb, k + NR - j, k + IC - c)
+                                y = py[p] + gy[g]
+                                xs = px[p] + gx[g]
+                                va = max(ka, k0 - xs * IC)
+                                vb = min(kb, k0 + (W - xs) * IC)
+                                if y < 0 or y >= H or va >= vb:
+                                    brow[ka - j0:kb - j0] = 0.0
+                                    continue
+                                brow[ka - j0:va - j0] = 0.0
+                                brow[vb - j0:kb - j0] = 0.0
+                                k = va
+                                c = (va - k0) % IC
+                                src = pix[p] + gy[g] * W + gx[g]  # the group's first pixel
+                                if xps == IC and IC < NR:  # few channels (the stem): one
+                                    base = src * IC - k0  # flat run, c wraps
+                                    for q in range(vb - va):
+                                        i = np.uint64(base + va + q)
+                                        brow[np.uint64(va - j0 + q)] = prologue_x(
+                                            x1[i], i, np.uint64(c), px_args)
+                                        c = c + 1 if c + 1 < IC else 0
+                                    continue
+                                base = (src + (va - k0) // IC) * xps
+                                while k < vb:  # one source pixel at a time, channels c ..
+                                    e = min(vb, k + IC - c)
                                     for q in range(e - k):
                                         i = np.uint64(base + c + q)
-                                        bp[np.uint64(o + j + q)] = prologue_x(
+                                        brow[np.uint64(k - j0 + q)] = prologue_x(
                                             x1[i], i, np.uint64(c + q), px_args)
-                                    c += e - k
-                                    j += e - k
                                     k = e
-                                    if c == IC:
-                                        c = 0
-                                        base += xps
-                                    if j == NR:
-                                        j = 0
-                                        o += kc * NR
-                        # A = dy^T[r0:r0+mc, p0:p0+kc] k-major in MR-row micro-panels:
-                        # ap[(r // MR)*KC*MR + p*MR + r % MR]
-                        for p in range(kc):
-                            s = (p0 + p) * yps + r0
-                            for q in range(0, mc, MR):
-                                o = q * KC + p * MR
-                                for r in range(MR):
-                                    if q + r < mc:
-                                        i = np.uint64(s + q + r)
-                                        ap[np.uint64(o + r)] = prologue_dy(
-                                            dy1[i], i, np.uint64(r0 + q + r), pdy_args)
-                                    else:
-                                        ap[np.uint64(o + r)] = 0.0
+                                    c = 0
+                                    base += xps
+                            o = p * NR
+                            for jp in range((nc + NR - 1) // NR):
+                                vstore(bp, o, vload(brow, jp * NR))
+                                vstore(bp, o + W8, vload(brow, jp * NR + W8))
+                                o += kc * NR
                         for jp in range((nc + NR - 1) // NR):
                             nr = min(NR, nc - jp * NR)
                             for ir in range(0, mc, MR):
@@ -201,7 +236,7 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
                                 for i in range(MR):
                                     rows[i] = r0 + ir + min(i, mr - 1)
                                 tile_kmajor(kc, ap, ir * KC, bp, jp * kc * NR, c2, rows, mr,
-                                     j0 + jp * NR, K, nr, True, scratch)
+                                            j0 + jp * NR, K, nr, True, scratch)
         dw2 = dw.reshape(OC, K)
         for r in prange(OC):
             for t in range(nt - 1):

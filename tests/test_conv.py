@@ -128,7 +128,13 @@ def test_backward_data_grad_prologue_and_stats_epilogue(shape):
     np.testing.assert_allclose(s2.sum(0), (dx64 ** 2).sum((0, 1, 2)), rtol=1e-9)
 
 
-@pytest.mark.parametrize("shape", HOOK_SHAPES, ids=lambda s: "ic%d-oc%d-k%d-s%d-p%d-hw%d" % s)
+# more pixels per task than one KC block (the last pixel of a full block is packed apart),
+# more columns than one NCB block, more output channels than one MC block, the stem's 3 channels
+BIG_BW_SHAPES = [(48, 40, 3, 1, 1, 24), (40, 160, 1, 1, 0, 24), (3, 20, 7, 2, 3, 40)]
+
+
+@pytest.mark.parametrize("shape", HOOK_SHAPES + BIG_BW_SHAPES,
+                         ids=lambda s: "ic%d-oc%d-k%d-s%d-p%d-hw%d" % s)
 @pytest.mark.parametrize("ntasks", [1, 3])
 def test_backward_weights_both_prologues(shape, ntasks):
     """dw of conv(relu(a*x+b)) against the gradient a2*dy + p*y + q, both formed on the fly."""
@@ -147,6 +153,15 @@ def test_backward_weights_both_prologues(shape, ntasks):
     conv = bw.make_conv_backward_weights(bn_relu_prologue, bn_grad_prologue)
     conv(ins["x"], ins["dy"], dw, shape[3], shape[4], (a, b), (y.reshape(-1), a2, p, q), ntasks)
     assert st.max_rel_error({"dw": dw}, ref) < 1e-4
+
+
+@pytest.mark.parametrize("shape", BIG_BW_SHAPES, ids=lambda s: "ic%d-oc%d-k%d-s%d-p%d-hw%d" % s)
+def test_backward_weights_default_on_full_blocks(shape):
+    st = make_stage(bw.ConvBackwardWeights, *shape)
+    ins = st.make_inputs(np.random.default_rng(5))
+    dw = np.full(st.allocate_outputs()["dw"].shape, np.nan, np.float32)
+    st.run(st.default, ins, {"dw": dw})
+    assert st.max_rel_error({"dw": dw}, st.reference(ins)) < st.tolerance
 
 
 def test_factories_memoize():
