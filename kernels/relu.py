@@ -36,10 +36,9 @@ def relu_forward(x, y):
 # 1. prange: masked copy of the gradient.
 @njit(parallel=True, fastmath=True, cache=True)
 def relu_backward(dy, y, dx):
-    """dx[i] = dy[i] if y[i] > 0 else 0, parallel over the flat index (dy loaded before the
-    select: under the condition it becomes a masked load, slow on AMD Zen)."""
+    """dx[i] = dy[i] if y[i] > 0 else 0, parallel over the flat index."""
     for i in prange(dy.size):
-        g = dy[i]
+        g = dy[i]  # loaded before the select: a masked load under it is slow on AMD Zen
         dx[i] = g if y[i] > 0 else np.float32(0.0)
 
 
