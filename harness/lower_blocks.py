@@ -161,8 +161,8 @@ class BlockLowering(SplitLowering):
                 return
             self.step(n, f"zero d:{b.name}", "other", "backward",
                       ops.fill_call(W(f"d:{b.name}"), 0.0, self.shapes[b.name]))
-        if not native:
-            raise NotImplementedError(f"bnff+: {n.name} cannot add into d:{target}")
+        # block members are read by BNs only (find_block), and their dx adds natively
+        assert native, f"bnff+: {n.name} cannot add into d:{target}"
         self.step(n, what, kind, "backward", make(RW(f"d:{target}"), True))
 
     def backward(self, n):
