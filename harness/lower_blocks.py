@@ -74,11 +74,11 @@ class BlockLowering(SplitLowering):
             elif all(c.name in names or c.op == "batchnorm" for c in readers):
                 b.copied[t] = f"{f.name}[{t}]"
                 b.offsets[b.copied[t]] = off
-                self.shapes[b.copied[t]] = self.shapes[t]
             else:
                 return
             off += self.shapes[t][3]
         self.blocks[f.name] = b
+        self.shapes.update({s: self.shapes[t] for t, s in b.copied.items()})
         self.member.update({t: b for t in b.offsets})
         self.copied.update({t: b for t in b.copied})
 
@@ -122,19 +122,15 @@ class BlockLowering(SplitLowering):
         if n.name not in self.member:
             return super().forward_epilogue(n)
         c = self.shapes[n.name][3]
-        parts = tuple(self.plan.tensor(f"{n.name}.{v}", fo.partials_shape(c), np.float64)
-                      for v in ("fs1", "fs2"))
-        self.pending = lambda: self.step(
-            n, "stats merge", "bn", "forward",
-            fo.feature_stats_call(*(R(t) for t in parts), W(f"{n.name}.mean@block"),
-                                  W(f"{n.name}.var@block"), self.shapes[n.name]))
-        return "stats", tuple(W(t) for t in parts)
+        return "stats", tuple(W(self.plan.tensor(f"{n.name}.{v}", fo.partials_shape(c),
+                                                 np.float64)) for v in ("fs1", "fs2"))
 
     def conv_forward(self, n):
-        self.pending = None
         super().conv_forward(n)
-        if self.pending:  # the feature's statistics, merged right after its conv
-            self.pending()
+        if n.name in self.member:  # the feature's statistics, merged right after its conv
+            self.step(n, "stats merge", "bn", "forward", fo.feature_stats_call(
+                R(f"{n.name}.fs1"), R(f"{n.name}.fs2"), W(f"{n.name}.mean@block"),
+                W(f"{n.name}.var@block"), self.shapes[n.name]))
 
     def bn_stats(self, s, coeffs):
         b = self.member.get(s.x)

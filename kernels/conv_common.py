@@ -48,6 +48,7 @@ import hashlib
 
 import numpy as np
 from numba import njit, prange
+from numba.core.dispatcher import Dispatcher
 
 from kernels.gemm import KC, MC, MR, NR, tile
 from kernels.vec import W, vadd, vfma, vload, vstore, vwiden, vzero64
@@ -158,17 +159,19 @@ def channel_sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
 def stable(hook):
     """Give a hook dispatcher a deterministic pickling identity (module, name, bytecode) so the
     kernels closing over it hit Numba's on-disk cache in a new process: Numba keys a cached
-    closure by pickling its cell contents, and a dispatcher pickles as a random uuid. A hook
-    that is itself a closure keeps its random uuid: correct, only recompiled in every process.
-    Factory kernels therefore close over hooks only, never over other factory kernels."""
+    closure by pickling its cell contents, and a dispatcher pickles as a random uuid, together
+    with the globals it names, so the dispatchers a hook calls get one too, recursively
+    (kernels/vec.py gives its intrinsics theirs). A hook that is itself a closure keeps its
+    random uuid: correct, only recompiled in every process. Factory kernels therefore close
+    over hooks only, never over other factory kernels."""
     f = hook.py_func
     if hook._MemoMixin__uuid is None and f.__closure__ is None:
         h = hashlib.sha256(f.__code__.co_code + repr(f.__code__.co_consts).encode())
         hook._set_uuid(f"bnff:{f.__module__}.{f.__qualname__}:{h.hexdigest()[:20]}")
+        for name in f.__code__.co_names:
+            if isinstance(f.__globals__.get(name), Dispatcher):
+                stable(f.__globals__[name])
     return hook
-
-
-stable(tile_sums)  # hooks call it: a closure variable's globals are pickled with it
 
 
 # --- the implicit-GEMM engine --------------------------------------------------------------
