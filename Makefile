@@ -5,7 +5,7 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 BNFF := $(VENV)/bin/bnff
 # results/<machine>/: CPU model and core count, e.g. amd-epyc-2c
-MACHINE = $(shell $(VENV)/bin/python -c "import os, re; from harness.machine import cpu_model; \
+MACHINE = $(shell $(VENV)/bin/python -c "import os, re; from bnff.measure.machine import cpu_model; \
 	print(re.sub('[^a-z0-9]+', '-', cpu_model().lower()).strip('-') + '-%dc' % os.cpu_count())")
 BENCH_ARGS ?= densenet121 resnet50 --batch 16 --image 224 --repeat 3
 

@@ -5,14 +5,14 @@ import gzip
 import numpy as np
 import pytest
 
-from harness.args import UserError
-from harness.bench import COLUMNS, memory_guard, validate
-from harness.cli import main
-from harness.executor import Executor
-from harness.problem import make_batch, make_params
-from suites import networks
+from bnff.cli.args import UserError
+from bnff.cli.bench import COLUMNS, memory_guard, validate
+from bnff.cli.main import main
+from bnff.lowering.executor import Executor
+from bnff.suites.problem import make_batch, make_params
+from bnff.suites import networks
 
-EXAMPLE = "suites/examples/vgg_residual.json"
+EXAMPLE = "bnff/suites/examples/vgg_residual.json"
 
 
 def test_bench_csv_and_report(tmp_path, capsys):

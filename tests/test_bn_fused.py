@@ -1,23 +1,23 @@
-"""Fused BN stages (kernels/bn_fused.py) against the float64 composition of the unfused ops;
+"""Fused BN stages (bnff/kernels/bn/bn_fused.py) against the float64 composition of the unfused ops;
 BN statistics from conv-epilogue sums at mean 1000; the fused-schedule conv hooks
-(kernels/bnff_hooks.py and conv_common's) through the real conv kernels against the unfused
+(bnff/hooks/bnff_hooks.py and conv_common's) through the real conv kernels against the unfused
 kernels; and the bytes each fused stage moves against the unfused stages it replaces."""
 import numpy as np
 import pytest
 
-from kernels import bn_fused as F
-from kernels.add import Add
-from kernels.bn_backward import BNBackward
-from kernels.bn_normalize import BNNormalize, normalize_affine
-from kernels.bn_stats import BNStats
-from kernels.bnff_hooks import (bn_prologue, bn_relu_grad_prologue, relu_sums_epilogue,
+from bnff.kernels.bn import bn_fused as F
+from bnff.kernels.elementwise.add import Add
+from bnff.kernels.bn.bn_backward import BNBackward
+from bnff.kernels.bn.bn_normalize import BNNormalize, normalize_affine
+from bnff.kernels.bn.bn_stats import BNStats
+from bnff.hooks.bnff_hooks import (bn_prologue, bn_relu_grad_prologue, relu_sums_epilogue,
                                  sums_epilogue)
-from kernels.conv_bwd_data import conv_backward_data, make_conv_backward_data
-from kernels.conv_bwd_weights import conv_backward_weights, make_conv_backward_weights
-from kernels.conv_common import (bn_grad_prologue, bn_relu_prologue, channel_sums_epilogue,
+from bnff.kernels.conv.conv_bwd_data import conv_backward_data, make_conv_backward_data
+from bnff.kernels.conv.conv_bwd_weights import conv_backward_weights, make_conv_backward_weights
+from bnff.kernels.conv.conv_common import (bn_grad_prologue, bn_relu_prologue, channel_sums_epilogue,
                                  identity_epilogue, identity_prologue, out_size, pixels)
-from kernels.conv_fwd import conv_forward, make_conv_forward
-from kernels.relu import ReLUBackward, ReLUForward
+from bnff.kernels.conv.conv_fwd import conv_forward, make_conv_forward
+from bnff.kernels.elementwise.relu import ReLUBackward, ReLUForward
 
 SHAPES = [dict(mb=2, ic=256, ih=7, iw=7), dict(mb=1, ic=64, ih=14, iw=14),
           dict(mb=2, ic=3, ih=5, iw=3)]

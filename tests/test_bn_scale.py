@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from kernels.bn_scale import BNScale, BNScaleBackward
+from bnff.kernels.bn.bn_scale import BNScale, BNScaleBackward
 
 
 @pytest.mark.parametrize("cls", [BNScale, BNScaleBackward])

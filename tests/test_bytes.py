@@ -4,9 +4,9 @@ that the fused schedules move fewer bytes and hold less memory on the built-in n
 Figures at batch 16, 224x224, counting each tensor pass once (bnff.md, 'Counting')."""
 import pytest
 
-from harness.executor import Executor
-from harness.schedules import FLOAT32
-from suites import networks
+from bnff.lowering.executor import Executor
+from bnff.lowering.schedules import FLOAT32
+from bnff.suites import networks
 
 ORDER = ["caffe", "baseline", "fission", "bnff-fwd", "bnff", "bnff+"]
 

@@ -5,11 +5,11 @@ prologue / epilogue hooks against applying the same math outside the kernel."""
 import numpy as np
 import pytest
 
-from kernels import conv_bwd_data as bd
-from kernels import conv_bwd_weights as bw
-from kernels import conv_fwd as fw
-from kernels import gemm
-from kernels.conv_common import (bn_grad_prologue, bn_relu_prologue, channel_sums_epilogue,
+from bnff.kernels.conv import conv_bwd_data as bd
+from bnff.kernels.conv import conv_bwd_weights as bw
+from bnff.kernels.conv import conv_fwd as fw
+from bnff.engine import gemm
+from bnff.kernels.conv.conv_common import (bn_grad_prologue, bn_relu_prologue, channel_sums_epilogue,
                                  from_ohwi, out_size, to_ohwi)
 
 # (ic, oc, k, stride, pad, spatial)

@@ -1,15 +1,15 @@
-"""One-pass 1x1 conv backward (kernels/conv_bwd_fused.py): both gradients against the float64
+"""One-pass 1x1 conv backward (bnff/kernels/conv/conv_bwd_fused.py): both gradients against the float64
 reference on DenseNet-121 / ResNet-50 1x1 shapes and odd sizes, stride 1 and 2; with the bnff
 hooks against the composition of the hooked backward-data and backward-weights kernels; x as a
 channel slice of a wider buffer. Outputs start as NaN, so unwritten elements fail."""
 import numpy as np
 import pytest
 
-from kernels import conv_bwd_fused as bf
-from kernels.bnff_hooks import bn_relu_grad_prologue, relu_sums_epilogue
-from kernels.conv_bwd_data import make_conv_backward_data
-from kernels.conv_bwd_weights import make_conv_backward_weights
-from kernels.conv_common import bn_relu_prologue, pixels
+from bnff.kernels.conv import conv_bwd_fused as bf
+from bnff.hooks.bnff_hooks import bn_relu_grad_prologue, relu_sums_epilogue
+from bnff.kernels.conv.conv_bwd_data import make_conv_backward_data
+from bnff.kernels.conv.conv_bwd_weights import make_conv_backward_weights
+from bnff.kernels.conv.conv_common import bn_relu_prologue, pixels
 
 # (ic, oc, stride, spatial)
 SHAPES = [

@@ -3,7 +3,7 @@ one moves exactly the passes it removes fewer bytes."""
 import numpy as np
 import pytest
 
-from kernels.conv_fused import ConvBwdDataReLUSums, ConvFwdBNReLU
+from bnff.kernels.conv.conv_fused import ConvBwdDataReLUSums, ConvFwdBNReLU
 
 SHAPES = [dict(mb=2, ic=32, ih=9, iw=8, oc=16, kh=3, kw=3, sh=1, ph=1),
           dict(mb=2, ic=24, ih=8, iw=8, oc=40, kh=1, kw=1, sh=2, ph=0)]

@@ -4,10 +4,10 @@ and leave the other channels alone."""
 import numpy as np
 import pytest
 
-from kernels.conv_bwd_data import conv_backward_data, make_conv_backward_data
-from kernels.conv_bwd_weights import conv_backward_weights
-from kernels.conv_common import out_size, pixels
-from kernels.conv_fwd import conv_forward
+from bnff.kernels.conv.conv_bwd_data import conv_backward_data, make_conv_backward_data
+from bnff.kernels.conv.conv_bwd_weights import conv_backward_weights
+from bnff.kernels.conv.conv_common import out_size, pixels
+from bnff.kernels.conv.conv_fwd import conv_forward
 
 SHAPES = [(8, 16, 3, 1, 1), (3, 20, 7, 2, 3), (24, 32, 1, 2, 0)]  # ic, oc, k, stride, pad
 IDS = ["ic%d-oc%d-k%d-s%d-p%d" % s for s in SHAPES]

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from suites import networks
-from suites.flops import network_flops
-from suites.graph import Graph, GraphError
+from bnff.suites import networks
+from bnff.suites.flops import network_flops
+from bnff.suites.graph import Graph, GraphError
 
-EXAMPLE = "suites/examples/vgg_residual.json"
+EXAMPLE = "bnff/suites/examples/vgg_residual.json"
 
 
 @pytest.mark.parametrize("name,params,convs", [("densenet121", 7_978_856, 120),

@@ -8,8 +8,8 @@ import sys
 SCRIPT = """
 import hashlib
 from numba.core.serialize import dumps
-from harness.ops_bnff import EPILOGUES, PROLOGUES
-from kernels.conv_common import stable
+from bnff.lowering.ops_bnff import EPILOGUES, PROLOGUES
+from bnff.kernels.conv.conv_common import stable
 for name, hook in sorted({**PROLOGUES, **EPILOGUES}.items(), key=lambda kv: str(kv[0])):
     print(name, hashlib.sha256(dumps(stable(hook))).hexdigest())
 """

@@ -4,16 +4,16 @@ import numba
 import numpy as np
 import pytest
 
-from kernels.add import Add
-from kernels.bn_backward import BNBackward
-from kernels.bn_normalize import BNNormalize
-from kernels.bn_stats import BNStats
-from kernels.concat import ConcatBackward, ConcatForward
-from kernels.linear import LinearBackward, LinearForward
-from kernels.loss import SoftmaxCrossEntropy
-from kernels.pool import (AvgPoolBackward, AvgPoolForward, GlobalAvgPoolBackward,
+from bnff.kernels.elementwise.add import Add
+from bnff.kernels.bn.bn_backward import BNBackward
+from bnff.kernels.bn.bn_normalize import BNNormalize
+from bnff.kernels.bn.bn_stats import BNStats
+from bnff.kernels.elementwise.concat import ConcatBackward, ConcatForward
+from bnff.kernels.linear import LinearBackward, LinearForward
+from bnff.kernels.loss import SoftmaxCrossEntropy
+from bnff.kernels.pool import (AvgPoolBackward, AvgPoolForward, GlobalAvgPoolBackward,
                           GlobalAvgPoolForward, MaxPoolBackward, MaxPoolForward)
-from kernels.relu import ReLUBackward, ReLUForward
+from bnff.kernels.elementwise.relu import ReLUBackward, ReLUForward
 
 BN = [dict(mb=2, ic=256, ih=7, iw=7), dict(mb=1, ic=64, ih=14, iw=14),
       dict(mb=2, ic=3, ih=5, iw=3)]
@@ -111,7 +111,7 @@ def test_every_variant_has_a_docstring():
 
 
 def test_concat_slice_kernels():
-    from kernels.concat import add_out, copy_into, copy_out
+    from bnff.kernels.elementwise.concat import add_out, copy_into, copy_out
     rng = np.random.default_rng(2)
     y = rng.standard_normal((10, 48), dtype=np.float32)
     x = rng.standard_normal((10, 16), dtype=np.float32)

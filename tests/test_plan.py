@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from harness.plan import RW, Plan, R, W
-from kernels.stage import Cost
+from bnff.lowering.plan import RW, Plan, R, W
+from bnff.kernels.stage import Cost
 
 NO_COST = Cost(0, 0, 0)
 

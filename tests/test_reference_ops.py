@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from kernels import reference as R
+from bnff.kernels import reference as R
 
 EPS = 1e-6
 

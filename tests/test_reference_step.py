@@ -3,12 +3,12 @@ graph with a residual add, a concat and every op, and the `bnff` commands around
 import numpy as np
 import pytest
 
-from harness.cli import main
-from harness.problem import make_batch, make_params
-from harness.reference_step import train_step
-from suites import networks
+from bnff.cli.main import main
+from bnff.suites.problem import make_batch, make_params
+from bnff.lowering.reference_step import train_step
+from bnff.suites import networks
 
-EXAMPLE = "suites/examples/vgg_residual.json"
+EXAMPLE = "bnff/suites/examples/vgg_residual.json"
 
 
 def test_parameter_gradients_match_finite_differences():

@@ -6,12 +6,12 @@ import csv
 import numpy as np
 import pytest
 
-from harness import micro, roofline
-from harness.args import UserError
-from harness.machine import machine_info
-from kernels.bn_stats import BNStats
-from suites import networks
-from suites.graph import GraphError
+from bnff.cli import micro, roofline
+from bnff.cli.args import UserError
+from bnff.measure.machine import machine_info
+from bnff.kernels.bn.bn_stats import BNStats
+from bnff.suites import networks
+from bnff.suites.graph import GraphError
 
 TINY = ["--array-mib", "1", "--gemm-n", "64", "--reps", "1"]
 MACHINE = ["cpu_model", "cores", "l1d_bytes", "l2_bytes", "l3_bytes", "python", "numpy", "numba",
@@ -19,7 +19,7 @@ MACHINE = ["cpu_model", "cores", "l1d_bytes", "l2_bytes", "l3_bytes", "python", 
 
 
 def bnff(argv):
-    """Parse and run like harness/cli.py does for these two commands: exit code, or 2 with a
+    """Parse and run like bnff/cli/main.py does for these two commands: exit code, or 2 with a
     one-line message for bad input."""
     p = argparse.ArgumentParser(prog="bnff")
     sub = p.add_subparsers(dest="command", required=True)

@@ -2,21 +2,21 @@
 import numpy as np
 import pytest
 
-from harness.check import max_rel_grad_diff
-from harness.executor import Executor, train_step
-from harness.problem import make_batch, make_params
-from harness.reference_step import train_step as reference_step
-from harness.schedules import FLOAT32
-from suites import networks
-from suites.densenet import densenet
-from suites.resnet import resnet
+from bnff.cli.check import max_rel_grad_diff
+from bnff.lowering.executor import Executor, train_step
+from bnff.suites.problem import make_batch, make_params
+from bnff.lowering.reference_step import train_step as reference_step
+from bnff.lowering.schedules import FLOAT32
+from bnff.suites import networks
+from bnff.suites.densenet import densenet
+from bnff.suites.resnet import resnet
 
 # the built-in networks' structure at a depth where float32 rounding is not amplified
 MINI = {
     "densenet-mini": lambda: densenet("densenet-mini", growth=8, blocks=(2, 3), stem=16,
                                       classes=10),
     "resnet-mini": lambda: resnet("resnet-mini", stages=(1, 2), widths=(8, 16), classes=10),
-    "vgg_residual": lambda: networks.load("suites/examples/vgg_residual.json"),
+    "vgg_residual": lambda: networks.load("bnff/suites/examples/vgg_residual.json"),
 }
 TOL = 1e-4  # float32 against float64 on these graphs: measured below 1e-5
 

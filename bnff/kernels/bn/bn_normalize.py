@@ -1,0 +1,103 @@
+"""BN normalize (sub-BN2): y = gamma * (x - mean) * inv + beta on an NHWC tensor.
+
+Per channel c, with inv = 1 / sqrt(var + eps), the affine form folds the scale into one
+per-channel number:
+
+    a[c] = gamma[c] * inv[c],   y = a[c] * (x - mean[c]) + beta[c]
+
+(BNFF writes y = a*x + b with b = beta - mean*a; centering first costs one subtraction and
+avoids the float32 cancellation of a*x against b when |mean| >> std or var ~ 0.)
+
+On the [M, C] view (M = N*H*W) each variant reads x once and writes y once; the per-channel
+prologue is O(C). Rows are split into BLOCKS contiguous blocks, one prange iteration each,
+vectorized along C.
+
+Kernels (X, Y are [M, C] float32 views; vectors are float32 [C]):
+    normalize_naive(X, mean, var, gamma, beta, eps, Y)
+    normalize_affine(X, mean, var, gamma, beta, eps, Y)
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from bnff.kernels import reference as ref
+from bnff.kernels.bn.bn_stats import BLOCKS, block_rows
+from bnff.kernels.stage import F32, Cost, Stage
+
+
+# 1. naive: the textbook formula per element.
+@njit(parallel=True, fastmath=True, cache=True)
+def normalize_naive(X, mean, var, gamma, beta, eps, Y):
+    """Per element gamma * ((x - mean) * inv) + beta: 4 flops, the layer as written."""
+    m, c = X.shape
+    inv = np.empty(c, np.float32)
+    for j in range(c):
+        inv[j] = 1.0 / np.sqrt(np.float64(var[j]) + eps)
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for r in range(r0, r1):
+            for j in range(c):
+                Y[r, j] = gamma[j] * ((X[r, j] - mean[j]) * inv[j]) + beta[j]
+
+
+# 2. affine: a subtraction and one FMA per element with a per-channel scale.
+@njit(parallel=True, fastmath=True, cache=True)
+def normalize_affine(X, mean, var, gamma, beta, eps, Y):
+    """y = a * (x - mean) + beta with a = gamma * inv folded per channel first."""
+    m, c = X.shape
+    a = np.empty(c, np.float32)
+    for j in range(c):
+        a[j] = gamma[j] / np.sqrt(np.float64(var[j]) + eps)
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for r in range(r0, r1):
+            for j in range(c):
+                Y[r, j] = a[j] * (X[r, j] - mean[j]) + beta[j]
+
+
+class BNNormalize(Stage):
+    """Shape keys: mb, ic, ih, iw. Inputs x [mb, ih, iw, ic], mean, var, gamma, beta [ic];
+    output y like x. eps = 1e-5."""
+
+    name = "bn_normalize"
+    variants = {"naive": normalize_naive, "affine": normalize_affine}
+    default = "affine"
+    eps = 1e-5
+
+    def _size(self):
+        s = self.shape
+        return s["mb"] * s["ih"] * s["iw"], s["ic"]
+
+    def make_inputs(self, rng):
+        s = self.shape
+        c = s["ic"]
+        x = rng.standard_normal((s["mb"], s["ih"], s["iw"], c), dtype=np.float32)
+        x = x * np.float32(2.0) + np.float32(0.5)
+        xd = x.reshape(-1, c).astype(np.float64)  # the batch statistics of x, as sub-BN1 gives
+        f = lambda v: np.asarray(v, np.float32)
+        return {"x": x, "mean": f(xd.mean(0)), "var": f(xd.var(0)),
+                "gamma": f(rng.uniform(0.5, 1.5, c)), "beta": f(rng.uniform(-0.5, 0.5, c))}
+
+    def allocate_outputs(self):
+        s = self.shape
+        return {"y": np.empty((s["mb"], s["ih"], s["iw"], s["ic"]), np.float32)}
+
+    def run(self, variant, inputs, outputs):
+        m, c = self._size()
+        i = inputs
+        self.variants[variant](i["x"].reshape(m, c), i["mean"], i["var"], i["gamma"], i["beta"],
+                               self.eps, outputs["y"].reshape(m, c))
+
+    def reference(self, inputs):
+        """The float64 BN forward, which recomputes the batch statistics from x."""
+        x = np.moveaxis(inputs["x"], 3, 1).astype(np.float64)
+        y, _ = ref.batchnorm_forward(x, inputs["gamma"].astype(np.float64),
+                                     inputs["beta"].astype(np.float64), self.eps)
+        return {"y": np.moveaxis(y, 1, 3)}
+
+    def cost(self, variant):
+        m, c = self._size()
+        flops = (4 if variant == "naive" else 3) * m * c
+        return Cost(flops=flops, bytes_read=m * c * F32 + 4 * c * F32,
+                    bytes_written=m * c * F32)

@@ -1,0 +1,126 @@
+"""Caffe's Scale layer, which follows its BatchNorm layer (that one only standardizes):
+
+    forward   y = gamma[c] * xh + beta[c]
+    backward  dbeta = sum(dy),  dgamma = sum(dy * xh),  dxh = gamma[c] * dy
+
+over the [M, C] view of an NHWC tensor. Only the `caffe` schedule uses it; every other
+schedule folds gamma and beta into the normalize (bnff/kernels/bn/bn_normalize.py).
+
+Kernels ([M, C] float32 views, vectors float32 [C], outputs last and written):
+    scale_forward(XH, gamma, beta, Y)
+    scale_backward(DY, XH, gamma, dgamma, dbeta, DXH)   one pass: both sums and dxh
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from bnff.kernels.bn.bn_stats import BLOCKS, TILE_ROWS, block_rows, merge_blocks
+from bnff.kernels.stage import F32, Cost, Stage
+
+
+# 1. forward: one FMA per element.
+@njit(parallel=True, fastmath=True, cache=True)
+def scale_forward(XH, gamma, beta, Y):
+    """y = gamma * xh + beta, rows split in blocks, vectorized along C."""
+    m, c = XH.shape
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for r in range(r0, r1):
+            for j in range(c):
+                Y[r, j] = gamma[j] * XH[r, j] + beta[j]
+
+
+# 2. backward: the two parameter sums and dxh from one pass over dy and xh.
+@njit(parallel=True, fastmath=True, cache=True)
+def scale_backward(DY, XH, gamma, dgamma, dbeta, DXH):
+    """Per-block float32 tile sums flushed to float64 partials, dxh written on the way."""
+    m, c = DY.shape
+    p1 = np.zeros((BLOCKS, c))
+    p2 = np.zeros((BLOCKS, c))
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        a1 = np.zeros(c)
+        a2 = np.zeros(c)
+        t1 = np.empty(c, np.float32)
+        t2 = np.empty(c, np.float32)
+        for s in range(r0, r1, TILE_ROWS):
+            t1[:] = 0.0
+            t2[:] = 0.0
+            for r in range(s, min(s + TILE_ROWS, r1)):
+                for j in range(c):
+                    g = DY[r, j]
+                    t1[j] += g
+                    t2[j] += g * XH[r, j]
+                    DXH[r, j] = gamma[j] * g
+            for j in range(c):
+                a1[j] += t1[j]
+                a2[j] += t2[j]
+        p1[blk] = a1
+        p2[blk] = a2
+    merge_blocks(p1, 1.0, dbeta)
+    merge_blocks(p2, 1.0, dgamma)
+
+
+class BNScale(Stage):
+    """Shape keys: mb, ic, ih, iw. Forward: inputs xh, gamma, beta; output y."""
+
+    name = "bn_scale"
+    variants = {"forward": scale_forward}
+    default = "forward"
+
+    def _size(self):
+        s = self.shape
+        return s["mb"] * s["ih"] * s["iw"], s["ic"]
+
+    def make_inputs(self, rng):
+        m, c = self._size()
+        f = lambda v: np.asarray(v, np.float32)
+        return {"xh": f(rng.standard_normal((m, c))), "gamma": f(rng.uniform(0.5, 1.5, c)),
+                "beta": f(rng.uniform(-0.5, 0.5, c))}
+
+    def allocate_outputs(self):
+        m, c = self._size()
+        return {"y": np.empty((m, c), np.float32)}
+
+    def run(self, variant, inputs, outputs):
+        scale_forward(inputs["xh"], inputs["gamma"], inputs["beta"], outputs["y"])
+
+    def reference(self, inputs):
+        g, b = (inputs[k].astype(np.float64) for k in ("gamma", "beta"))
+        return {"y": inputs["xh"].astype(np.float64) * g + b}
+
+    def cost(self, variant):
+        m, c = self._size()
+        return Cost(2 * m * c, m * c * F32 + 2 * c * F32, m * c * F32)
+
+
+class BNScaleBackward(BNScale):
+    """Shape keys: mb, ic, ih, iw. Inputs dy, xh, gamma; outputs dgamma, dbeta, dxh."""
+
+    name = "bn_scale_bwd"
+    variants = {"one_pass": scale_backward}
+    default = "one_pass"
+
+    def make_inputs(self, rng):
+        m, c = self._size()
+        f = lambda v: np.asarray(v, np.float32)
+        return {"dy": f(rng.standard_normal((m, c))), "xh": f(rng.standard_normal((m, c))),
+                "gamma": f(rng.uniform(0.5, 1.5, c))}
+
+    def allocate_outputs(self):
+        m, c = self._size()
+        return {"dgamma": np.empty(c, np.float32), "dbeta": np.empty(c, np.float32),
+                "dxh": np.empty((m, c), np.float32)}
+
+    def run(self, variant, inputs, outputs):
+        scale_backward(inputs["dy"], inputs["xh"], inputs["gamma"], outputs["dgamma"],
+                       outputs["dbeta"], outputs["dxh"])
+
+    def reference(self, inputs):
+        dy, xh, g = (inputs[k].astype(np.float64) for k in ("dy", "xh", "gamma"))
+        return {"dgamma": (dy * xh).sum(0), "dbeta": dy.sum(0), "dxh": dy * g}
+
+    def cost(self, variant):
+        m, c = self._size()
+        return Cost(5 * m * c, 2 * m * c * F32 + c * F32, m * c * F32 + 2 * c * F32)

@@ -1,0 +1,316 @@
+"""What the three conv kernels share: shapes, the weight layout, the hook API, and the
+implicit-GEMM engine used by conv forward and conv backward-data.
+
+Layouts. Activations NHWC float32. Conv weights OHWI: w[oc, kh, kw, ic] (oneDNN "ohwi"), the
+layout conv backward-weights produces natively (a row of dW per output channel);
+`to_ohwi` / `from_ohwi` convert from / to the [O, I, KH, KW] layout of `reference.py`.
+
+Implicit GEMM. A conv is a GEMM whose A operand is never materialized (im2col): a row of A is
+one destination pixel, a column one (tap, source channel), tap = (kh, kw):
+
+    dst[pix(n, i, j), d] = sum_{t, c} src[n, ss*i + ty[t], ss*j + tx[t], c] * B[t*CS + c, d]
+
+over the grid 0 <= i < GH, 0 <= j < GW with pix(n, i, j) = (n, dy0 + ds*i, dx0 + ds*j), and
+zero where the source pixel falls in the padding. Forward is the grid of output pixels with
+ss = stride, ty = kh - pad; backward-data is one such GEMM per stride phase (conv_bwd_data).
+`igemm` packs row blocks of A (applying the prologue on the way) row by row, KC floats apart,
+and runs the gemm.py micro-kernel against B packed in NR-wide panels.
+
+Hooks, specialized in at compile time: the `make_*` factories return a plain function (pack
+weights, then call an @njit engine that closes over the hooks and is compiled once per hook
+combination, memoized and cached on disk); identity hooks by default. Hook signatures:
+
+    prologue(v, idx, c, args) -> float32
+        applied to every source element the kernel loads: v = src_flat[idx], c its channel
+        (idx and c are uint64, so array indexing by them needs no wraparound and vectorizes).
+        A second tensor read at idx must have the source's layout (same shape and strides).
+        Padding is zero *after* the prologue (it pads the transformed tensor).
+    epilogue(d, ldc, rows, mr, c0, nc, tid, args)
+        called once per finished MR x NR output tile, while it is in L1: element (pixel p,
+        channel c) of the output is d[p * ldc + c] (d flat), rows[0:mr] are the tile's pixels,
+        its channels c0 .. c0+nc-1. tid in [0, ntasks) is the task running it: reductions go
+        to partials[tid, ...]. A full tile (nc == NR) is worth a vector path (bnff/engine/vec.py):
+        a scalar epilogue costs as much as the tile's GEMM when K is a few hundred.
+`args` are tuples the kernels pass through untouched (use () for none). Hooked kernels take a
+last argument `ntasks`, the number of parallel tasks (default numba.get_num_threads()); per-task
+partials have leading dimension ntasks. Real hooks here: `bn_relu_prologue` (args = (a, b):
+max(a[c]*v + b[c], 0)), `bn_grad_prologue` (args = (x flat, a, p, q): a[c]*v + p[c]*x[idx] +
+q[c], reading a second tensor) and `channel_sums_epilogue` (args = (s1, s2), float64
+[ntasks, C], C-contiguous: per-task sum and sum of squares of the output).
+
+Channel slices. Sources and destinations are NHWC tensors whose pixels may lie further apart
+than their channel count: a channel slice `buf[..., c0:c1]` of a wider buffer (DenseNet's
+block buffer), read and written in place through `pixels` (flat view, pixel stride).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from numba import njit, prange
+from numba.core.dispatcher import Dispatcher
+
+from bnff.engine.gemm import KC, MC, MR, NR, tile
+from bnff.engine.vec import W, vadd, vfma, vload, vstore, vwiden, vzero64
+
+JB_FLOATS = 32 * 1024  # B panel slices visited per row of tiles: 128 KiB, within L2
+
+# --- shapes and weights ------------------------------------------------------------------
+
+
+def out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def to_ohwi(w_oihw: np.ndarray) -> np.ndarray:
+    """[O, I, KH, KW] -> contiguous float32 [O, KH, KW, I]."""
+    return np.ascontiguousarray(np.transpose(w_oihw, (0, 2, 3, 1)), dtype=np.float32)
+
+
+def from_ohwi(w_ohwi: np.ndarray) -> np.ndarray:
+    """[O, KH, KW, I] -> [O, I, KH, KW] (a view)."""
+    return np.transpose(w_ohwi, (0, 3, 1, 2))
+
+
+def pixels(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """A float32 array whose last axis (channels) is contiguous and whose rows (pixels: all
+    other axes) are evenly spaced, possibly further apart than its channel count (a channel
+    slice `buf[..., c0:c1]` of a wider buffer), as (flat, ps): element (row p, channel c) is
+    flat[p * ps + c], flat a 1-D C-contiguous view from a's first to its last element (writes
+    go to a's memory)."""
+    c, isz = a.shape[-1], a.itemsize
+    m = a.size // c if c else 0
+    ps = a.strides[-2] // isz if a.size else c
+    even = all(a.strides[i] == a.strides[i + 1] * a.shape[i + 1] or a.shape[i] == 1
+               for i in range(a.ndim - 2))
+    if a.dtype != np.float32 or a.ndim < 2 or (c > 1 and a.strides[-1] != isz) or ps < c or \
+            not even:
+        raise ValueError(f"not a channel slice of a contiguous float32 buffer: "
+                         f"shape {a.shape}, strides {a.strides}, {a.dtype}")
+    span = (m - 1) * ps + c if a.size else 0
+    return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(isz,)), ps
+
+
+def conv_flops(mb, ic, oh, ow, oc, kh, kw) -> int:
+    """One multiply-add counted as 2 FLOPs; the same count for all three directions."""
+    return 2 * mb * oh * ow * oc * ic * kh * kw
+
+
+# --- hooks -------------------------------------------------------------------------------
+
+
+@njit(inline="always", cache=True)
+def identity_prologue(v, idx, c, args):
+    return v
+
+
+@njit(inline="always", cache=True)
+def identity_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
+    return
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def bn_relu_prologue(v, idx, c, args):
+    """z = max(a[c] * x + b[c], 0): BN normalize + ReLU applied as the conv loads x."""
+    return max(args[0][c] * v + args[1][c], np.float32(0.0))
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def bn_grad_prologue(v, idx, c, args):
+    """dx = a[c] * dy + p[c] * x + q[c]: the BN input gradient formed as the conv loads dy;
+    args = (x, a, p, q) with x flat (x.reshape(-1)), same shape as dy."""
+    x, a, p, q = args
+    return a[c] * v + p[c] * x[idx] + q[c]
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def tile_sums(d, ldc, x, xps, rows, mr, c0, nc, tid, s1, s2):
+    """s1[tid, c] += sum_r d[r, c], s2[tid, c] += sum_r d[r, c] * x[r, c] over a tile, in
+    float64 (products of float32 values are exact in it); a full tile in vector registers."""
+    o = tid * s1.shape[1] + c0
+    if nc == NR:
+        for h in range(0, NR, W):
+            a1 = vzero64()
+            a2 = vzero64()
+            for r in range(mr):
+                g = vwiden(vload(d, rows[r] * ldc + c0 + h))
+                a1 = vadd(a1, g)
+                a2 = vfma(g, vwiden(vload(x, rows[r] * xps + c0 + h)), a2)
+            vstore(s1, o + h, vadd(vload(s1, o + h), a1))
+            vstore(s2, o + h, vadd(vload(s2, o + h), a2))
+        return
+    for j in range(nc):
+        a1 = 0.0
+        a2 = 0.0
+        for r in range(mr):
+            g = np.float64(d[rows[r] * ldc + c0 + j])
+            a1 += g
+            a2 += g * x[rows[r] * xps + c0 + j]
+        s1.flat[o + j] += a1
+        s2.flat[o + j] += a2
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def channel_sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
+    """Per-channel float64 sum and sum of squares of the output tile into args[0/1][tid, c]."""
+    tile_sums(d, ldc, d, ldc, rows, mr, c0, nc, tid, args[0], args[1])
+
+
+def stable(hook):
+    """Give a hook dispatcher a deterministic pickling identity (module, name, bytecode) so the
+    kernels closing over it hit Numba's on-disk cache in a new process: Numba keys a cached
+    closure by pickling its cell contents, and a dispatcher pickles as a random uuid, together
+    with the globals it names, so the dispatchers a hook calls get one too, recursively
+    (bnff/engine/vec.py gives its intrinsics theirs). A hook that is itself a closure keeps its
+    random uuid: correct, only recompiled in every process. Factory kernels therefore close
+    over hooks only, never over other factory kernels."""
+    f = hook.py_func
+    if hook._MemoMixin__uuid is None and f.__closure__ is None:
+        h = hashlib.sha256(f.__code__.co_code + repr(f.__code__.co_consts).encode())
+        hook._set_uuid(f"bnff:{f.__module__}.{f.__qualname__}:{h.hexdigest()[:20]}")
+        for name in f.__code__.co_names:
+            if isinstance(f.__globals__.get(name), Dispatcher):
+                stable(f.__globals__[name])
+    return hook
+
+
+# --- the implicit-GEMM engine --------------------------------------------------------------
+
+
+@njit(cache=True)
+def row_step(m, t):
+    """Rows per block: at most about MC, a multiple of MR, and a multiple of t blocks (when
+    there are enough rows) so t tasks get equal work."""
+    nb = (m + MC - 1) // MC
+    nb = (nb + t - 1) // t * t
+    return max(MR, ((m + nb - 1) // nb + MR - 1) // MR * MR)
+
+
+@njit(cache=True)
+def tap_groups(ty, tx):
+    """Split taps into groups of consecutive taps with equal ty and tx increasing by one, so
+    that a group reads one contiguous run of an NHWC row: (first tap, length, ty, first tx)."""
+    if ty.shape[0] == 0:
+        return ty.copy(), ty.copy(), ty.copy(), ty.copy()
+    gt = [0]
+    for t in range(1, ty.shape[0]):
+        if ty[t] != ty[t - 1] or tx[t] != tx[t - 1] + 1:
+            gt.append(t)
+    ng = len(gt)
+    first = np.array(gt, np.int64)
+    length = np.empty(ng, np.int64)
+    for g in range(ng):
+        length[g] = (first[g + 1] if g + 1 < ng else ty.shape[0]) - first[g]
+    return first, length, ty[first], tx[first]
+
+
+@njit(parallel=True, cache=True)
+def pack_b_rows(b, bp):
+    """B^T given as b[d, k] (row d = one destination channel) -> bp[d // NR, k, d % NR]."""
+    nd, k = b.shape
+    for jp in prange(bp.shape[0]):
+        for p in range(k):
+            for j in range(NR):
+                d = jp * NR + j
+                bp[jp, p, j] = b[d, p] if d < nd else 0.0
+
+
+_igemm_cache: dict = {}
+
+
+def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
+    """The implicit-GEMM kernel with `prologue` / `epilogue` compiled in (memoized)."""
+    key = (prologue, epilogue)
+    if key in _igemm_cache:
+        return _igemm_cache[key]
+    stable(prologue)
+    stable(epilogue)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def igemm(src1, SH, SW, CS, sps, dst1, nb_, DH, DW, CD, dps, acc, bp, ss, gt, gl, gy, gx,
+              gh, gw, dy0, dx0, ds, pro_args, epi_args, nt):
+        """dst[pix(n,i,j), :] (+)= sum_{t,c} src[n, ss*i+ty[t], ss*j+tx[t], c] * B[t*CS+c, :],
+        the taps given as groups g of gl[g] taps from tap gt[g] at (gy[g], gx[g] + 0, 1, ...);
+        src and dst flat with pixel strides sps, dps (see `pixels`); += when acc."""
+        K = bp.shape[1]
+        npan = bp.shape[0]
+        m = nb_ * gh * gw
+        step = row_step(m, nt)
+        nblocks = (m + step - 1) // step
+        for tid in prange(nt):
+            ap = np.empty((step + MR) * KC, np.float32)
+            rn = np.empty(step, np.int64)
+            ri = np.empty(step, np.int64)
+            rj = np.empty(step, np.int64)
+            rows = np.empty(MR, np.int64)
+            scratch = np.empty(MR * NR, np.float32)
+            for blk in range(tid, nblocks, nt):
+                r0 = blk * step
+                mc = min(step, m - r0)
+                for r in range(mc):
+                    q = (r0 + r) // gw
+                    rj[r] = r0 + r - q * gw
+                    rn[r] = q // gh
+                    ri[r] = q - rn[r] * gh
+                for p0 in range(0, max(K, 1), KC):
+                    kc = min(KC, K - p0)
+                    last = p0 + KC >= K
+                    # pack rows r0 .. r0+mc, columns p0 .. p0+kc of A into ap[r * KC + p]: per
+                    # tap group, one contiguous source run, zeros where it leaves the image
+                    for r in range(mc):
+                        o = r * KC - p0
+                        for g in range(gy.shape[0]):
+                            k0 = gt[g] * CS
+                            ka = max(k0, p0)
+                            kb = min(k0 + gl[g] * CS, p0 + kc)
+                            if ka >= kb:
+                                continue
+                            y = ss * ri[r] + gy[g]
+                            xs = ss * rj[r] + gx[g]
+                            va = max(ka, k0 - xs * CS)
+                            vb = min(kb, k0 + (SW - xs) * CS)
+                            if y < 0 or y >= SH or va >= vb:
+                                ap[o + ka:o + kb] = 0.0
+                                continue
+                            ap[o + ka:o + va] = 0.0
+                            ap[o + vb:o + kb] = 0.0
+                            k = va
+                            c = (va - k0) % CS
+                            if sps == CS and CS < NR:  # few channels (the stem): one flat run
+                                base = ((rn[r] * SH + y) * SW + xs) * CS - k0
+                                for q in range(vb - va):
+                                    i = np.uint64(base + va + q)
+                                    ap[np.uint64(o + va + q)] = prologue(src1[i], i, np.uint64(c),
+                                                                         pro_args)
+                                    c = c + 1 if c + 1 < CS else 0
+                                continue
+                            # one source pixel at a time, channels c .., pixels sps apart
+                            base = ((rn[r] * SH + y) * SW + xs) * sps + (va - k0) // CS * sps
+                            while k < vb:
+                                e = min(vb, k + CS - c)
+                                for q in range(e - k):  # unsigned indices: no wraparound, SIMD
+                                    i = np.uint64(base + c + q)
+                                    ap[np.uint64(o + k + q)] = prologue(src1[i], i,
+                                                                       np.uint64(c + q), pro_args)
+                                k = e
+                                c = 0
+                                base += sps
+                    ap[mc * KC:(mc + MR - 1) // MR * MR * KC] = 0.0
+                    # panels in groups whose B slices fit in L2 (JB_FLOATS); within a group
+                    # the tile rows outermost, so each output row is written in long runs
+                    jb = max(1, JB_FLOATS // (max(kc, 1) * NR))
+                    for j0 in range(0, npan, jb):
+                        for ir in range(0, mc, MR):
+                            mr = min(MR, mc - ir)
+                            for i in range(MR):
+                                r = ir + min(i, mr - 1)
+                                rows[i] = (rn[r] * DH + dy0 + ds * ri[r]) * DW + dx0 + ds * rj[r]
+                            for jp in range(j0, min(npan, j0 + jb)):
+                                nr = min(NR, CD - jp * NR)
+                                tile(kc, ap, ir * KC, bp, (jp * K + p0) * NR, dst1, rows, mr,
+                                     jp * NR, dps, nr, acc or p0 > 0, scratch)
+                                if last:
+                                    epilogue(dst1, dps, rows, mr, jp * NR, nr, tid, epi_args)
+
+    _igemm_cache[key] = igemm
+    return igemm

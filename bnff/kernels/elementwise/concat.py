@@ -1,0 +1,222 @@
+"""Concat along channels of NHWC tensors, and its backward (the split of the gradient).
+
+On [M, C] views (M = N*H*W), input k owns channels [off_k, off_k + C_k) of every row:
+
+    forward:   Y[:, off_k:off_k+C_k] = X_k          reads S, writes S (S = all of Y)
+    backward:  dX_k = dY[:, off_k:off_k+C_k]        reads S, writes S
+
+The numpy and prange variants make one strided copy per input: each walks all M rows of Y
+writing a short slice per row. The tiles variant makes one call: per tile of rows (TILE
+floats of Y) it copies every input's contiguous run of rows into the tile, so Y is written
+front to back while the tile's lines are still cached; split does the reverse. Writing the producers straight into
+their slice of Y, as BNFF does, removes the stage altogether.
+
+Kernels ([M, C_k] and [M, C] float32 views; outputs written):
+    copy_into(X, Y, off)                Y[:, off:off+C_k] = X
+    copy_out(Y, off, X)                 X = Y[:, off:off+C_k]
+    add_out(Y, off, X)                  X += Y[:, off:off+C_k]   (a gradient summed at a fork)
+    concat_numpy(xs, Y)   concat_prange(xs, Y)   concat_tiles(xs, Y)       xs: list of [M, C_k]
+    split_numpy(dY, dxs)  split_prange(dY, dxs)  split_tiles(dY, dxs)      dxs: list of [M, C_k]
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+from numba.typed import List
+
+from bnff.kernels import reference as ref
+from bnff.kernels.bn.bn_stats import BLOCKS, block_rows
+from bnff.kernels.stage import F32, Cost, Stage
+
+TILE = 8192  # floats per assembled row tile (32 KiB, L1)
+
+
+@njit(parallel=True, cache=True)
+def copy_into(X, Y, off):
+    """Y[:, off:off+C_k] = X, parallel over rows."""
+    m, ck = X.shape
+    for r in prange(m):
+        for j in range(ck):
+            Y[r, off + j] = X[r, j]
+
+
+@njit(parallel=True, cache=True)
+def copy_out(Y, off, X):
+    """X = Y[:, off:off+C_k], parallel over rows."""
+    m, ck = X.shape
+    for r in prange(m):
+        for j in range(ck):
+            X[r, j] = Y[r, off + j]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def add_out(Y, off, X):
+    """X += Y[:, off:off+C_k], parallel over rows."""
+    m, ck = X.shape
+    for r in prange(m):
+        for j in range(ck):
+            X[r, j] += Y[r, off + j]
+
+
+# 1. numpy: a framework-style strided slice assignment per input, one thread.
+def concat_numpy(xs, Y):
+    """Y[:, off:off+C_k] = X_k by numpy slice assignment."""
+    off = 0
+    for x in xs:
+        Y[:, off:off + x.shape[1]] = x
+        off += x.shape[1]
+
+
+# 2. prange: one parallel strided-copy call per input.
+def concat_prange(xs, Y):
+    """copy_into per input, rows split over the threads."""
+    off = 0
+    for x in xs:
+        copy_into(x, Y, off)
+        off += x.shape[1]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _concat_tiles(xs, Y):
+    m, c = Y.shape
+    rows = max(1, TILE // c)
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for s in range(r0, r1, rows):
+            e = min(s + rows, r1)
+            off = 0
+            for k in range(len(xs)):
+                x = xs[k]
+                for r in range(s, e):
+                    for j in range(x.shape[1]):
+                        Y[r, off + j] = x[r, j]
+                off += x.shape[1]
+
+
+# 3. tiles: one call over row tiles of Y, every input copied into each tile.
+def concat_tiles(xs, Y):
+    """Per tile of rows of Y, each input's contiguous rows copied into it (typed list of inputs)."""
+    _concat_tiles(List(xs), Y)
+
+
+# 1. numpy: slice copies out of the gradient, one thread.
+def split_numpy(dY, dxs):
+    """dX_k[...] = dY[:, off:off+C_k] by numpy."""
+    off = 0
+    for dx in dxs:
+        dx[...] = dY[:, off:off + dx.shape[1]]
+        off += dx.shape[1]
+
+
+# 2. prange: one parallel strided-copy call per input.
+def split_prange(dY, dxs):
+    """copy_out per input, rows split over the threads."""
+    off = 0
+    for dx in dxs:
+        copy_out(dY, off, dx)
+        off += dx.shape[1]
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _split_tiles(dY, dxs):
+    m, c = dY.shape
+    rows = max(1, TILE // c)
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        for s in range(r0, r1, rows):
+            e = min(s + rows, r1)
+            off = 0
+            for k in range(len(dxs)):
+                dx = dxs[k]
+                for r in range(s, e):
+                    for j in range(dx.shape[1]):
+                        dx[r, j] = dY[r, off + j]
+                off += dx.shape[1]
+
+
+# 3. tiles: one call over row tiles of dY, every slice copied out of each tile.
+def split_tiles(dY, dxs):
+    """Per tile of rows of dY, each slice copied to its dX_k's contiguous rows (typed list)."""
+    _split_tiles(dY, List(dxs))
+
+
+def _runs(ics):
+    """(64, 32, 32, 32) -> '64+32x3'."""
+    parts, i = [], 0
+    while i < len(ics):
+        j = i
+        while j < len(ics) and ics[j] == ics[i]:
+            j += 1
+        parts.append(f"{ics[i]}x{j - i}" if j - i > 1 else f"{ics[i]}")
+        i = j
+    return "+".join(parts)
+
+
+class _Concat(Stage):
+    """Shape keys: mb, ics (tuple of input channel counts), ih, iw."""
+
+    def descriptor(self):
+        s = self.shape
+        return f"mb{s['mb']}ic{_runs(s['ics'])}ih{s['ih']}iw{s['iw']}"
+
+    def _m(self):
+        s = self.shape
+        return s["mb"] * s["ih"] * s["iw"]
+
+    def _nhwc(self, c):
+        s = self.shape
+        return (s["mb"], s["ih"], s["iw"], c)
+
+    def cost(self, variant):
+        n = self._m() * sum(self.shape["ics"])
+        return Cost(flops=0, bytes_read=n * F32, bytes_written=n * F32)
+
+
+class ConcatForward(_Concat):
+    """Inputs x0 .. x{k-1} [mb, ih, iw, ics[k]]; output y [mb, ih, iw, sum(ics)]."""
+
+    name = "concat_fwd"
+    variants = {"numpy": concat_numpy, "prange": concat_prange, "tiles": concat_tiles}
+    default = "tiles"
+
+    def make_inputs(self, rng):
+        return {f"x{k}": rng.standard_normal(self._nhwc(c), dtype=np.float32)
+                for k, c in enumerate(self.shape["ics"])}
+
+    def allocate_outputs(self):
+        return {"y": np.empty(self._nhwc(sum(self.shape["ics"])), np.float32)}
+
+    def run(self, variant, inputs, outputs):
+        m = self._m()
+        xs = [inputs[f"x{k}"].reshape(m, c) for k, c in enumerate(self.shape["ics"])]
+        self.variants[variant](xs, outputs["y"].reshape(m, -1))
+
+    def reference(self, inputs):
+        xs = [np.moveaxis(inputs[f"x{k}"], 3, 1).astype(np.float64)
+              for k in range(len(self.shape["ics"]))]
+        return {"y": np.moveaxis(ref.concat_forward(xs), 1, 3)}
+
+
+class ConcatBackward(_Concat):
+    """Input dy [mb, ih, iw, sum(ics)]; outputs dx0 .. dx{k-1} [mb, ih, iw, ics[k]]."""
+
+    name = "concat_bwd"
+    variants = {"numpy": split_numpy, "prange": split_prange, "tiles": split_tiles}
+    default = "tiles"
+
+    def make_inputs(self, rng):
+        return {"dy": rng.standard_normal(self._nhwc(sum(self.shape["ics"])), dtype=np.float32)}
+
+    def allocate_outputs(self):
+        return {f"dx{k}": np.empty(self._nhwc(c), np.float32)
+                for k, c in enumerate(self.shape["ics"])}
+
+    def run(self, variant, inputs, outputs):
+        m = self._m()
+        dxs = [outputs[f"dx{k}"].reshape(m, c) for k, c in enumerate(self.shape["ics"])]
+        self.variants[variant](inputs["dy"].reshape(m, -1), dxs)
+
+    def reference(self, inputs):
+        dy = np.moveaxis(inputs["dy"], 3, 1).astype(np.float64)
+        parts = ref.concat_backward(dy, list(self.shape["ics"]))
+        return {f"dx{k}": np.moveaxis(p, 1, 3) for k, p in enumerate(parts)}

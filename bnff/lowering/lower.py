@@ -1,0 +1,259 @@
+"""Lowering: a network graph and a schedule's options -> a Plan of float32 NHWC kernel calls
+for one training iteration (forward, loss, backward to every parameter gradient).
+
+Tensor names: a node's output is its name, its gradient `d:<name>`; parameters keep their
+graph names (in the kernels' layouts), their gradients are `grad:<name>`; per-BN vectors are
+`<node>.mean` and `<node>.var`. A gradient that several consumers feed is written by the
+first contribution in backward order and accumulated by the others (in place where the
+kernel can, else through a temporary and an add).
+
+The unfused BN sites, per schedule (x the conv output, y the BN output, z the ReLU output):
+
+    caffe      BatchNorm layer: statistics in two passes over x, then xh = (x - mean) * inv
+               written; a separate Scale layer y = gamma * xh + beta; ReLU in place.
+               Backward: ReLU in place; Scale backward (dgamma, dbeta and dxh = gamma * dy in
+               one pass); BatchNorm backward from dxh and x (gamma = 1). Concat by copy.
+    baseline   one BN layer: statistics in one stable pass, then y = a * x + b with
+               a = gamma * inv, b = beta - mean * a; ReLU in place. Backward: ReLU in place;
+               BN backward as a reduction pass and a dx pass. Concat by copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnff.lowering import ops
+from bnff.lowering.plan import RW, Plan, R, W
+from bnff.suites.graph import INPUT, Graph
+
+
+@dataclass(frozen=True)
+class Options:
+    bn: str                      # "caffe", "framework" or "split" (fission)
+    fuse_forward: bool = False   # split only: sub-BN1 into conv epilogues, sub-BN2 into prologues
+    fuse_backward: bool = False  # split only: mask and sums into backward-data epilogues, dx
+                                 # into the producing conv's backward prologues
+    blocks: bool = False         # split only: concatenations as block buffers (lower_blocks)
+
+
+def nhwc(shape):
+    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)
+
+
+class Lowering:
+    def __init__(self, graph: Graph, batch: int, image: int, options: Options):
+        self.g, self.opt = graph, options
+        self.shapes = {k: nhwc(v) for k, v in graph.infer_shapes(batch, image).items()}
+        self.consumers = graph.consumers()
+        self.plan = Plan()
+        self.io = {"params": {}, "grads": {}}
+        self.seen = set()  # tensors whose gradient has had its first contribution
+
+    def step(self, node, what, kind, phase, call):
+        fn, args, cost = call
+        self.plan.step(f"{node.name} {what}", kind, phase, fn, args, cost)
+
+    def declare_io(self):
+        p = self.plan
+        self.io["input"] = p.tensor(INPUT, self.shapes[INPUT], persistent=True)
+        self.io["labels"] = p.tensor("labels", (self.shapes[INPUT][0],), np.int64,
+                                     persistent=True)
+        self.io["loss"] = p.tensor("loss", (1,), persistent=True)
+        for name, shape in self.g.params().items():
+            kshape = ops.param_layout(self.g.by_name[name.rsplit(".", 1)[0]].op, shape)
+            self.io["params"][name] = p.tensor(name, kshape, persistent=True)
+            self.io["grads"][name] = p.tensor(f"grad:{name}", kshape, persistent=True)
+        self.io["constants"] = {}
+
+    def constant(self, value, c):
+        """A persistent [c] vector filled with value (Caffe's BatchNorm: gamma 1, beta 0)."""
+        name = f"const{value:g}x{c}"
+        if name not in self.plan.tensors:
+            self.plan.tensor(name, (c,), persistent=True)
+            self.io["constants"][name] = value
+        return R(name)
+
+    # --- forward -------------------------------------------------------------------------
+    def forward(self, n):
+        p, x = self.plan, n.inputs[0]
+        shape, xs = self.shapes[n.name], self.shapes[x]
+        if n.op == "relu" and self.relu_in_place(n):
+            p.tensor(n.name, shape, inplace_of=x)
+            self.step(n, "fwd", "relu", "forward", ops.relu_fwd_call(R(x), RW(n.name), shape))
+            return
+        p.tensor(n.name, shape)
+        if n.op == "conv2d":
+            self.step(n, "fwd", "conv", "forward",
+                      ops.conv_fwd_call(R(x), R(f"{n.name}.weight"), W(n.name), xs, n))
+        elif n.op == "batchnorm":
+            self.bn_forward(n, x, shape)
+        elif n.op == "relu":
+            self.step(n, "fwd", "relu", "forward", ops.relu_fwd_call(R(x), W(n.name), shape))
+        elif n.op == "maxpool2d":
+            p.tensor(f"{n.name}.argmax", shape, np.int8)
+            self.step(n, "fwd", "pool", "forward",
+                      ops.maxpool_fwd_call(R(x), W(n.name), W(f"{n.name}.argmax"), xs, n))
+        elif n.op == "avgpool2d":
+            self.step(n, "fwd", "pool", "forward", ops.avgpool_fwd_call(R(x), W(n.name), xs, n))
+        elif n.op == "global_avgpool":
+            self.step(n, "fwd", "pool", "forward", ops.gap_fwd_call(R(x), W(n.name), xs))
+        elif n.op == "concat":
+            off = 0
+            for i in n.inputs:
+                self.step(n, f"copy {i}", "concat", "forward",
+                          ops.concat_copy_call(R(i), W(n.name), self.shapes[i], shape, off))
+                off += self.shapes[i][3]
+        elif n.op == "add":
+            self.step(n, "fwd", "other", "forward",
+                      ops.add_call(R(x), R(n.inputs[1]), W(n.name), shape))
+        elif n.op == "linear":
+            self.step(n, "fwd", "other", "forward",
+                      ops.linear_fwd_call(R(x), R(f"{n.name}.weight"), R(f"{n.name}.bias"),
+                                          W(n.name), xs, shape))
+        else:
+            raise AssertionError(n.op)
+
+    def relu_in_place(self, n):
+        """In place when the ReLU is its input's only reader and the input's producer does
+        not need its own output in backward (BN, conv, add and concat need their inputs)."""
+        x = n.inputs[0]
+        return (x != INPUT and len(self.consumers[x]) == 1
+                and self.g.by_name[x].op in ("batchnorm", "add", "conv2d", "concat"))
+
+    def bn_forward(self, n, x, shape):
+        p, c, eps = self.plan, shape[3], n["eps"]
+        mean, var = p.tensor(f"{n.name}.mean", (c,)), p.tensor(f"{n.name}.var", (c,))
+        gamma, beta = R(f"{n.name}.weight"), R(f"{n.name}.bias")
+        if self.opt.bn == "caffe":
+            self.step(n, "stats", "bn", "forward",
+                      ops.bn_stats_call(R(x), W(mean), W(var), shape, "two_pass"))
+            xh = p.tensor(f"{n.name}.xh", shape)
+            self.step(n, "normalize", "bn", "forward",
+                      ops.bn_normalize_call(R(x), R(mean), R(var), self.constant(1, c),
+                                            self.constant(0, c),
+                                            W(xh), eps, shape))
+            self.step(n, "scale", "bn", "forward",
+                      ops.bn_scale_call(R(xh), gamma, beta, W(n.name), shape))
+        else:
+            self.step(n, "stats", "bn", "forward",
+                      ops.bn_stats_call(R(x), W(mean), W(var), shape))
+            self.step(n, "normalize", "bn", "forward",
+                      ops.bn_normalize_call(R(x), R(mean), R(var), gamma, beta, W(n.name),
+                                            eps, shape))
+
+    # --- backward ------------------------------------------------------------------------
+    def contribute(self, n, what, kind, target, make, native=False):
+        """Emits the step `make(dst, accumulate)` producing a part of d:target."""
+        d = f"d:{target}"
+        if target not in self.seen:
+            self.seen.add(target)
+            self.plan.tensor(d, self.shapes[target])
+            self.step(n, what, kind, "backward", make(W(d), False))
+        elif native:
+            self.step(n, what, kind, "backward", make(RW(d), True))
+        else:
+            tmp = self.plan.tensor(f"{d}@{n.name}", self.shapes[target])
+            self.step(n, what, kind, "backward", make(W(tmp), False))
+            self.step(n, f"accumulate d:{target}", "other", "backward",
+                      ops.add_call(R(d), R(tmp), RW(d), self.shapes[target]))
+
+    def alias_grad(self, n, target):
+        """d:target shares d:n's buffer (a gradient passed through unchanged or in place)."""
+        self.seen.add(target)
+        self.plan.tensor(f"d:{target}", self.shapes[target], inplace_of=f"d:{n.name}")
+
+    def backward(self, n):
+        x = n.inputs[0]
+        dy, xs, shape = R(f"d:{n.name}"), self.shapes[x], self.shapes[n.name]
+        if n.op == "conv2d":
+            self.step(n, "bwd-weights", "conv", "backward",
+                      ops.conv_bwd_weights_call(R(x), dy, W(f"grad:{n.name}.weight"), xs, n))
+            if x != INPUT:
+                self.contribute(n, "bwd-data", "conv", x, lambda d, acc: ops.conv_bwd_data_call(
+                    dy, R(f"{n.name}.weight"), d, xs, n))
+        elif n.op == "batchnorm":
+            self.bn_backward(n, x, shape)
+        elif n.op == "relu":
+            if self.relu_in_place(n) and x not in self.seen:
+                self.alias_grad(n, x)
+                self.step(n, "bwd", "relu", "backward",
+                          ops.relu_bwd_call(dy, R(n.name), RW(f"d:{x}"), shape))
+            else:
+                self.contribute(n, "bwd", "relu", x,
+                                lambda d, acc: ops.relu_bwd_call(dy, R(n.name), d, shape))
+        elif n.op == "maxpool2d":
+            self.contribute(n, "bwd", "pool", x, lambda d, acc: ops.maxpool_bwd_call(
+                dy, R(f"{n.name}.argmax"), d, xs, n))
+        elif n.op == "avgpool2d":
+            self.contribute(n, "bwd", "pool", x,
+                            lambda d, acc: ops.avgpool_bwd_call(dy, d, xs, n))
+        elif n.op == "global_avgpool":
+            self.contribute(n, "bwd", "pool", x, lambda d, acc: ops.gap_bwd_call(dy, d, xs))
+        elif n.op == "concat":
+            off = 0
+            for i in n.inputs:
+                self.contribute(n, f"bwd {i}", "concat", i,
+                                lambda d, acc, o=off, i=i: ops.concat_split_call(
+                                    dy, d, shape, self.shapes[i], o, acc), native=True)
+                off += self.shapes[i][3]
+        elif n.op == "add":
+            for i in n.inputs:
+                if len(self.consumers[i]) == 1 and i not in self.seen:
+                    self.alias_grad(n, i)
+                else:
+                    self.contribute(n, f"bwd {i}", "other", i,
+                                    lambda d, acc: ops.add_call(d, dy, d, shape) if acc
+                                    else ops.copy_call(dy, d, shape), native=True)
+        elif n.op == "linear":
+            self.contribute(n, "bwd", "other", x, lambda d, acc: ops.linear_bwd_call(
+                dy, R(x), R(f"{n.name}.weight"), d, W(f"grad:{n.name}.weight"),
+                W(f"grad:{n.name}.bias"), xs, shape))
+        else:
+            raise AssertionError(n.op)
+
+    def bn_backward(self, n, x, shape):
+        dy, eps = R(f"d:{n.name}"), n["eps"]
+        mean, var = R(f"{n.name}.mean"), R(f"{n.name}.var")
+        dgamma, dbeta = f"grad:{n.name}.weight", f"grad:{n.name}.bias"
+        if self.opt.bn == "caffe":
+            dxh = self.plan.tensor(f"{n.name}.dxh", shape)
+            c = shape[3]
+            sums = [self.plan.tensor(f"{n.name}.{v}", (c,)) for v in ("dxh_sum", "dxh_xh_sum")]
+            self.step(n, "scale bwd", "bn", "backward",
+                      ops.bn_scale_bwd_call(dy, R(f"{n.name}.xh"), R(f"{n.name}.weight"),
+                                            W(dgamma), W(dbeta), W(dxh), shape))
+            self.contribute(n, "bwd", "bn", x, lambda d, acc: ops.bn_bwd_call(
+                R(dxh), R(x), mean, var, self.constant(1, c), W(sums[1]), W(sums[0]), d, eps, shape))
+        else:
+            self.contribute(n, "bwd", "bn", x, lambda d, acc: ops.bn_bwd_call(
+                dy, R(x), mean, var, R(f"{n.name}.weight"), W(dgamma), W(dbeta), d, eps,
+                shape))
+
+    # --- whole iteration -----------------------------------------------------------------
+    def lower(self):
+        self.declare_io()
+        for n in self.g.nodes:
+            self.forward(n)
+        out = self.g.output
+        self.plan.tensor(f"d:{out}", self.shapes[out])
+        self.plan.step("loss", "other", "forward",
+                       *ops.softmax_xent_call(R(out), R("labels"), W("loss"), W(f"d:{out}"),
+                                              self.shapes[out]))
+        self.seen.add(out)
+        live = {out}
+        for n in reversed(self.g.nodes):
+            if n.name in live:
+                live.update(n.inputs)
+                self.backward(n)
+        return self.plan, self.io
+
+
+def lower(graph: Graph, batch: int, image: int, options: Options):
+    if options.bn == "split":
+        from bnff.lowering.lower_blocks import BlockLowering
+        from bnff.lowering.lower_bnff import SplitLowering
+        cls = BlockLowering if options.blocks else SplitLowering
+        return cls(graph, batch, image, options).lower()
+    return Lowering(graph, batch, image, options).lower()
+

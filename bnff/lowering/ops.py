@@ -1,0 +1,212 @@
+"""The kernel calls a lowering emits. Each function takes tensor references, shapes and
+attributes and returns (kernel, args, cost) for one plan step: the kernel is the default
+variant of its stage module (wrapped to see the [M, C] or flat view it wants), the cost is
+that stage's own declaration at this shape. Activations are NHWC; parameters live in the
+kernels' layouts (conv weights OHWI, linear weights [out, in])."""
+from __future__ import annotations
+
+import numpy as np
+
+from bnff.kernels.elementwise import add, concat, relu
+from bnff.kernels.bn import bn_backward, bn_normalize, bn_scale, bn_stats
+from bnff.kernels.conv import conv_bwd_data, conv_bwd_weights, conv_common, conv_fwd
+from bnff.kernels import linear, loss, pool
+from bnff.kernels.stage import F32, Cost
+
+
+def param_layout(op, shape):
+    return (shape[0], shape[2], shape[3], shape[1]) if op == "conv2d" else tuple(shape)
+
+
+def to_kernel_layout(op, a):
+    return conv_common.to_ohwi(a) if op == "conv2d" else np.asarray(a, np.float32)
+
+
+def from_kernel_layout(op, a):
+    return conv_common.from_ohwi(a) if op == "conv2d" else a
+
+
+def dims(shape):
+    """Stage shape keys of an NHWC (or [N, F]) tensor."""
+    if len(shape) == 2:
+        return dict(mb=shape[0], ic=shape[1], ih=1, iw=1)
+    n, h, w, c = shape
+    return dict(mb=n, ic=c, ih=h, iw=w)
+
+
+def view(a, shape):
+    """a reshaped without a copy (a channel slice has an [M, C] view but no flat one);
+    ValueError where a copy would be needed, so no kernel writes into a temporary."""
+    v = a.view()
+    try:
+        v.shape = shape
+    except AttributeError as e:
+        raise ValueError(f"no {shape} view of an array with strides {a.strides}") from e
+    return v
+
+
+def on_view(fn, c=None):
+    """fn seeing its 4-d array arguments as [M, c] views (c given) or flat."""
+    shape = (-1, c) if c else (-1,)
+
+    def call(*args):
+        return fn(*(view(a, shape) if isinstance(a, np.ndarray) and a.ndim >= 2 else a
+                    for a in args))
+    return call
+
+
+def default_kernel(stage_cls, shape_keys):
+    """The default variant of a stage and its declared cost at these shape keys."""
+    st = stage_cls(shape_keys)
+    return st.variants[st.default], st.cost(st.default)
+
+
+# --- conv ----------------------------------------------------------------------------------
+
+def conv_shape(xs, node):
+    n, h, w, c = xs
+    return dict(mb=n, ic=c, ih=h, iw=w, oc=node["out_channels"], kh=node["kernel"],
+                kw=node["kernel"], sh=node["stride"], ph=node["padding"])
+
+
+def conv_fwd_call(x, w, y, xs, node):
+    fn, cost = default_kernel(conv_fwd.ConvForward, conv_shape(xs, node))
+    return fn, (x, w, y, node["stride"], node["padding"]), cost
+
+
+def conv_bwd_data_call(dy, w, dx, xs, node):
+    fn, cost = default_kernel(conv_bwd_data.ConvBackwardData, conv_shape(xs, node))
+    return fn, (dy, w, dx, node["stride"], node["padding"]), cost
+
+
+def conv_bwd_weights_call(x, dy, dw, xs, node):
+    fn, cost = default_kernel(conv_bwd_weights.ConvBackwardWeights, conv_shape(xs, node))
+    return fn, (x, dy, dw, node["stride"], node["padding"]), cost
+
+
+# --- batchnorm -----------------------------------------------------------------------------
+
+def bn_stats_call(x, mean, var, shape, variant=None):
+    st = bn_stats.BNStats(dims(shape))
+    variant = variant or st.default
+    return on_view(st.variants[variant], shape[3]), (x, mean, var), st.cost(variant)
+
+
+def bn_normalize_call(x, mean, var, gamma, beta, y, eps, shape):
+    fn, cost = default_kernel(bn_normalize.BNNormalize, dims(shape))
+    return on_view(fn, shape[3]), (x, mean, var, gamma, beta, eps, y), cost
+
+
+def bn_scale_call(xh, gamma, beta, y, shape):
+    fn, cost = default_kernel(bn_scale.BNScale, dims(shape))
+    return on_view(fn, shape[3]), (xh, gamma, beta, y), cost
+
+
+def bn_scale_bwd_call(dy, xh, gamma, dgamma, dbeta, dxh, shape):
+    fn, cost = default_kernel(bn_scale.BNScaleBackward, dims(shape))
+    return on_view(fn, shape[3]), (dy, xh, gamma, dgamma, dbeta, dxh), cost
+
+
+def bn_bwd_call(dy, x, mean, var, gamma, dgamma, dbeta, dx, eps, shape):
+    """BN backward, reduction pass then dx pass, as one step."""
+    fn, cost = default_kernel(bn_backward.BNBackward, dims(shape))
+    return on_view(fn, shape[3]), (dy, x, mean, var, gamma, eps, dgamma, dbeta, dx), cost
+
+
+# --- elementwise -----------------------------------------------------------------------------
+
+def relu_fwd_call(x, y, shape):
+    fn, cost = default_kernel(relu.ReLUForward, dims(shape))
+    return on_view(fn), (x, y), cost
+
+
+def relu_bwd_call(dy, y, dx, shape):
+    fn, cost = default_kernel(relu.ReLUBackward, dims(shape))
+    return on_view(fn), (dy, y, dx), cost
+
+
+def add_call(a, b, y, shape):
+    fn, cost = default_kernel(add.Add, dims(shape))
+    return on_view(fn), (a, b, y), cost
+
+
+def fill_call(dst, value, shape):
+    return (lambda d: d.fill(value)), (dst,), Cost(0, 0, int(np.prod(shape)) * F32)
+
+
+def copy_call(src, dst, shape):
+    n = int(np.prod(shape)) * F32
+    return on_view(np.copyto), (dst, src), Cost(0, n, n)
+
+
+# --- pooling, concat, linear, loss -----------------------------------------------------------
+
+def _pool(xs, node, padded):
+    d = dict(dims(xs), kh=node["kernel"], sh=node["stride"])
+    if padded:
+        d["ph"] = node["padding"]
+    return d
+
+
+def maxpool_fwd_call(x, y, arg, xs, node):
+    fn, cost = default_kernel(pool.MaxPoolForward, _pool(xs, node, True))
+    return fn, (x, node["kernel"], node["stride"], node["padding"], y, arg), cost
+
+
+def maxpool_bwd_call(dy, arg, dx, xs, node):
+    fn, cost = default_kernel(pool.MaxPoolBackward, _pool(xs, node, True))
+    return fn, (dy, arg, node["kernel"], node["stride"], node["padding"], dx), cost
+
+
+def avgpool_fwd_call(x, y, xs, node):
+    fn, cost = default_kernel(pool.AvgPoolForward, _pool(xs, node, False))
+    return fn, (x, node["kernel"], node["stride"], y), cost
+
+
+def avgpool_bwd_call(dy, dx, xs, node):
+    fn, cost = default_kernel(pool.AvgPoolBackward, _pool(xs, node, False))
+    return fn, (dy, node["kernel"], node["stride"], dx), cost
+
+
+def gap_fwd_call(x, y, xs):
+    fn, cost = default_kernel(pool.GlobalAvgPoolForward, dims(xs))
+    return fn, (x, y), cost
+
+
+def gap_bwd_call(dy, dx, xs):
+    fn, cost = default_kernel(pool.GlobalAvgPoolBackward, dims(xs))
+    return fn, (dy, dx), cost
+
+
+def concat_copy_call(x, y, xs, ys, off):
+    """y[..., off:off+C_k] = x."""
+    ck, m = xs[3], int(np.prod(xs[:3]))
+    fn = lambda a, b: concat.copy_into(a.reshape(m, ck), b.reshape(m, ys[3]), off)
+    return fn, (x, y), concat.ConcatForward(dict(dims(xs), ics=(ck,))).cost("prange")
+
+
+def concat_split_call(dy, dx, ys, xs, off, accumulate):
+    """dx = dy[..., off:off+C_k], or dx += it when accumulating."""
+    ck, m = xs[3], int(np.prod(xs[:3]))
+    kernel = concat.add_out if accumulate else concat.copy_out
+    fn = lambda g, d: kernel(g.reshape(m, ys[3]), off, d.reshape(m, ck))
+    cost = concat.ConcatBackward(dict(dims(xs), ics=(ck,))).cost("prange")
+    if accumulate:
+        cost = cost + Cost(m * ck, m * ck * F32, 0)
+    return fn, (dy, dx), cost
+
+
+def linear_fwd_call(x, w, b, y, xs, ys):
+    fn, cost = default_kernel(linear.LinearForward, dict(mb=xs[0], ic=xs[1], oc=ys[1]))
+    return fn, (x, w, b, y), cost
+
+
+def linear_bwd_call(dy, x, w, dx, dw, db, xs, ys):
+    fn, cost = default_kernel(linear.LinearBackward, dict(mb=xs[0], ic=xs[1], oc=ys[1]))
+    return fn, (dy, x, w, dx, dw, db), cost
+
+
+def softmax_xent_call(z, labels, loss_out, dz, zs):
+    fn, cost = default_kernel(loss.SoftmaxCrossEntropy, dict(mb=zs[0], oc=zs[1]))
+    return fn, (z, labels, loss_out, dz), cost
+

@@ -1,0 +1,89 @@
+"""PNG plots of bench rows (needs the optional matplotlib: pip install 'bnff-bench[plot]'):
+speedup per thread count per network, time breakdown by kind per schedule, and a roofline
+chart of the stages."""
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+
+from bnff.cli.args import UserError
+
+KINDS = ["conv", "bn", "relu", "concat", "pool", "other"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plots need matplotlib: .venv/bin/pip install matplotlib "
+                        "(or the project's [plot] extra)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _iterations(rows):
+    return [r for r in rows if r["stage"] == "iteration"]
+
+
+def plot_bench(rows, outdir, roofline=None) -> list:
+    """Writes the three plots per network into outdir; returns their paths. `roofline` is
+    an optional {threads: (GB/s, GFLOP/s)} of measured limits drawn on the roofline chart."""
+    plt = _pyplot()
+    os.makedirs(outdir, exist_ok=True)
+    paths = []
+    for net in dict.fromkeys(r["network"] for r in _iterations(rows)):
+        its = [r for r in _iterations(rows) if r["network"] == net]
+        ref = "caffe" if any(r["schedule"] == "caffe" for r in its) else its[0]["schedule"]
+        base = {int(r["threads"]): float(r["median_s"]) for r in its if r["schedule"] == ref}
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for s in dict.fromkeys(r["schedule"] for r in its):
+            pts = sorted((int(r["threads"]), base[int(r["threads"])] / float(r["median_s"]))
+                         for r in its if r["schedule"] == s and int(r["threads"]) in base)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+        ax.set(xlabel="threads", ylabel=f"speedup over {ref}", title=f"{net}: iteration speedup")
+        ax.set_xticks(sorted(base))
+        ax.legend()
+        paths.append(_save(fig, plt, outdir, f"{net}-speedup.png"))
+
+        top = max(int(r["threads"]) for r in its)
+        per = defaultdict(lambda: defaultdict(float))
+        for r in rows:
+            if r["network"] == net and int(r["threads"]) == top and r["stage"] != "iteration":
+                per[r["schedule"]][r["kind"]] += float(r["median_s"])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        names = list(per)
+        bottom = [0.0] * len(names)
+        for k in KINDS:
+            vals = [per[s][k] for s in names]
+            ax.bar(names, vals, bottom=bottom, label=k)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        ax.set(ylabel="seconds per iteration", title=f"{net}: time by kind, {top} threads")
+        ax.legend()
+        paths.append(_save(fig, plt, outdir, f"{net}-breakdown.png"))
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for s in names:
+            pts = [(float(r["flops"]) / float(r["bytes"]), float(r["flops"]) / float(r["median_s"]) / 1e9)
+                   for r in rows if r["network"] == net and r["schedule"] == s
+                   and int(r["threads"]) == top and r["stage"] != "iteration"
+                   and float(r["bytes"]) > 0 and float(r["flops"]) > 0 and float(r["median_s"]) > 0]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, label=s)
+        if roofline and top in roofline:
+            gbs, gflops = roofline[top]
+            xs = [2.0 ** e for e in range(-6, 12)]
+            ax.plot(xs, [min(gflops, gbs * x) for x in xs], color="black", lw=1,
+                    label="measured roofline")
+        ax.set(xscale="log", yscale="log", xlabel="FLOP per byte",
+               ylabel="GFLOP/s", title=f"{net}: stages against the roofline, {top} threads")
+        ax.legend()
+        paths.append(_save(fig, plt, outdir, f"{net}-roofline.png"))
+    return paths
+
+
+def _save(fig, plt, outdir, name):
+    path = os.path.join(outdir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
