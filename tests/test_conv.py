@@ -12,38 +12,11 @@ from bnff.engine import gemm
 from bnff.kernels.conv.conv_common import (bn_grad_prologue, bn_relu_prologue, channel_sums_epilogue,
                                  from_ohwi, out_size, to_ohwi)
 
-# (ic, oc, k, stride, pad, spatial)
-SHAPES = [
-    (3, 64, 7, 2, 3, 14),       # stem
-    (64, 128, 1, 1, 0, 8),      # DenseNet bottleneck 1x1
-    (128, 32, 3, 1, 1, 9),      # DenseNet 3x3
-    (256, 128, 1, 1, 0, 7),     # DenseNet transition
-    (64, 64, 3, 1, 1, 8),       # ResNet 3x3
-    (128, 128, 3, 2, 1, 10),    # ResNet strided 3x3
-    (256, 512, 1, 2, 0, 8),     # ResNet strided projection
-    (1024, 256, 1, 1, 0, 7),    # ResNet 1x1
-    (13, 21, 3, 2, 1, 11),      # odd everything
-    (17, 40, 7, 2, 3, 9),       # odd, 7x7 stride 2
-    (5, 7, 1, 2, 0, 9),         # odd 1x1 stride 2 (empty stride phases)
-]
 STAGES = [fw.ConvForward, bd.ConvBackwardData, bw.ConvBackwardWeights]
 
 
 def make_stage(cls, ic, oc, k, s, p, hw, mb=2):
     return cls(dict(mb=mb, ic=ic, ih=hw, iw=hw + 1, oc=oc, kh=k, kw=k, sh=s, ph=p))
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "ic%d-oc%d-k%d-s%d-p%d-hw%d" % s)
-@pytest.mark.parametrize("cls", STAGES, ids=lambda c: c.name)
-def test_variants_match_reference(cls, shape):
-    st = make_stage(cls, *shape)
-    inputs = st.make_inputs(np.random.default_rng(1))
-    ref = st.reference(inputs)
-    for variant in cls.variants:
-        out = {k: np.full_like(v, np.nan) for k, v in st.allocate_outputs().items()}
-        st.run(variant, inputs, out)
-        err = st.max_rel_error(out, ref)
-        assert err < st.tolerance, (variant, err)
 
 
 @pytest.mark.parametrize("cls", STAGES, ids=lambda c: c.name)

@@ -67,6 +67,8 @@ def linear_backward(dy, x, w, dx, dw, db):
 class _Linear(Stage):
     """Shape keys: mb (batch), ic (in features), oc (out features)."""
 
+    examples = ("mb2ic1024oc1000", "mb3ic300oc7")
+
     def _dims(self):
         s = self.shape
         return s["mb"], s["ic"], s["oc"]

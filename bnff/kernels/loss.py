@@ -50,6 +50,7 @@ class SoftmaxCrossEntropy(Stage):
     name = "softmax_xent"
     variants = {"rows": softmax_xent}
     default = "rows"
+    examples = ("mb2oc1000", "mb5oc3")
 
     def make_inputs(self, rng):
         n, k = self.shape["mb"], self.shape["oc"]

@@ -206,6 +206,7 @@ class MaxPoolForward(_Pool):
     """Input x; outputs y and argmax (int8 window index)."""
 
     name = "maxpool_fwd"
+    examples = ("mb2ic64ih14iw14kh3sh2ph1", "mb1ic24ih13iw11kh3sh2ph0")
     variants = {"direct": maxpool_forward}
     default = "direct"
 
@@ -233,6 +234,7 @@ class MaxPoolBackward(_Pool):
     """Inputs dy and argmax (as the forward writes it); output dx."""
 
     name = "maxpool_bwd"
+    examples = MaxPoolForward.examples
     variants = {"scatter": maxpool_backward_scatter, "gather": maxpool_backward_gather}
     default = "gather"
 
@@ -266,6 +268,7 @@ class AvgPoolForward(_Pool):
     """Input x; output y."""
 
     name = "avgpool_fwd"
+    examples = ("mb2ic128ih14iw14kh2sh2", "mb1ic16ih7iw9kh3sh2")
     variants = {"direct": avgpool_forward}
     default = "direct"
 
@@ -291,6 +294,7 @@ class AvgPoolBackward(_Pool):
     """Input dy; output dx."""
 
     name = "avgpool_bwd"
+    examples = AvgPoolForward.examples
     variants = {"gather": avgpool_backward}
     default = "gather"
 
@@ -317,6 +321,7 @@ class GlobalAvgPoolForward(Stage):
     """Shape keys: mb, ic, ih, iw. Input x [mb, ih, iw, ic]; output y [mb, ic]."""
 
     name = "gap_fwd"
+    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
     variants = {"direct": gap_forward}
     default = "direct"
 

@@ -12,14 +12,50 @@ A stage module holds a float64 reference and numbered variants of one stage, and
     err = st.max_rel_error(out, ref)
 
 Activations are NHWC float32 (see the README for why), per-channel vectors are [C].
+
+Every subclass that sets `name` registers itself here on definition (`REGISTRY`, read through
+bnff/kernels/registry.py, which imports every stage module). A stage's shape is its
+descriptor: `descriptor()` formats it, `from_descriptor()` parses it back, so a descriptor
+alone rebuilds the stage (`bnff micro --descriptor D`). A stage whose math uses BN's eps
+(class attribute `eps` not None) carries it as the shape key `eps`, last, printed with repr
+so it parses back exactly: mb16ic64ih56iw56eps1e-05. `examples` are small descriptors the
+tests validate every variant at.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 
 F32 = 4  # bytes per float32
+
+REGISTRY: dict = {}  # stage name -> Stage subclass, filled as stage modules are imported
+
+_TOKEN = re.compile(r"(eps)([0-9.]+(?:e[-+]?[0-9]+)?)|([a-z]+)([0-9]+)")
+
+
+class DescriptorError(ValueError):
+    """A shape descriptor that does not parse, or does not fit the stage."""
+
+
+def parse_descriptor(text: str) -> dict:
+    """'mb2ic8ih5iw5eps1e-05' -> {'mb': 2, 'ic': 8, 'ih': 5, 'iw': 5, 'eps': 1e-05}."""
+    shape, pos = {}, 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise DescriptorError(f"cannot parse descriptor {text!r} at {text[pos:]!r}")
+        key, value = (m[1], float(m[2])) if m[1] else (m[3], int(m[4]))
+        if key in shape:
+            raise DescriptorError(f"descriptor {text!r} gives {key} twice")
+        shape[key] = value
+        pos = m.end()
+    return shape
+
+
+def format_descriptor(shape: dict) -> str:
+    return "".join(f"{k}{v!r}" if k == "eps" else f"{k}{v}" for k, v in shape.items())
 
 
 @dataclass(frozen=True)
@@ -48,13 +84,39 @@ class Stage:
     variants: dict = {}
     default: str = ""
     tolerance: float = 1e-4  # max relative error against the float64 reference
+    eps: float | None = None  # BN's eps, for stages whose math uses it (then a shape key)
+    examples: tuple = ()      # small descriptors every variant is validated at (tests)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        name = cls.__dict__.get("name")
+        if name:
+            if name in REGISTRY and REGISTRY[name] is not cls:
+                raise TypeError(f"stage {name} defined twice: {REGISTRY[name]} and {cls}")
+            REGISTRY[name] = cls
 
     def __init__(self, shape: dict):
         self.shape = dict(shape)
+        if type(self).eps is not None:
+            self.shape["eps"] = float(self.shape.pop("eps", type(self).eps))  # kept last
+            self.eps = self.shape["eps"]
 
     def descriptor(self) -> str:
-        """benchdnn-style shape string, e.g. mb16ic128ih56oc32kh3ph1."""
-        return "".join(f"{k}{v}" for k, v in self.shape.items())
+        """benchdnn-style shape string, e.g. mb16ic128ih56iw56oc32kh3kw3sh1ph1."""
+        return format_descriptor(self.shape)
+
+    @classmethod
+    def from_descriptor(cls, text: str) -> "Stage":
+        """The stage at the shape `text` describes (DescriptorError if a key it needs is
+        missing; keys it does not use are kept, as stages declare no key list)."""
+        shape = parse_descriptor(text)
+        try:
+            st = cls(shape)
+            st.cost(st.default)  # every key the stage needs is there
+        except (KeyError, ValueError, TypeError) as e:
+            raise DescriptorError(f"descriptor {text!r} does not fit stage {cls.name}: {e}") \
+                from None
+        return st
 
     def make_inputs(self, rng: np.random.Generator) -> dict:
         raise NotImplementedError

@@ -171,6 +171,7 @@ class BNBackward(Stage):
     name = "bn_backward"
     variants = {"three_pass": backward_three_pass, "two_pass": backward_two_pass}
     default = "two_pass"
+    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
     eps = 1e-5
 
     def _size(self):

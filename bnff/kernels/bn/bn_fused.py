@@ -331,6 +331,7 @@ class _Fused(Stage):
     """Shape keys: mb, ic, ih, iw. Activations [mb, ih, iw, ic], per-channel vectors [ic]."""
 
     eps = 1e-5
+    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
 
     def _size(self):
         s = self.shape

@@ -63,6 +63,7 @@ class BNNormalize(Stage):
     name = "bn_normalize"
     variants = {"naive": normalize_naive, "affine": normalize_affine}
     default = "affine"
+    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
     eps = 1e-5
 
     def _size(self):

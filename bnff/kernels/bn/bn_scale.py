@@ -68,6 +68,7 @@ class BNScale(Stage):
     name = "bn_scale"
     variants = {"forward": scale_forward}
     default = "forward"
+    examples = ("mb2ic64ih7iw7", "mb1ic13ih5iw3")
 
     def _size(self):
         s = self.shape

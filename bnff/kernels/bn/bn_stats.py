@@ -252,6 +252,7 @@ class BNStats(Stage):
     variants = {"two_pass": stats_two_pass, "shifted": stats_shifted, "chan": stats_chan,
                 "shifted_pairs": stats_shifted_pairs}
     default = "shifted_pairs"
+    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
 
     def _size(self):
         s = self.shape

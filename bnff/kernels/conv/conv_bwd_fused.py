@@ -217,8 +217,28 @@ class ConvBackward1x1(ConvForward):
             raise ValueError(f"conv_bwd_1x1 needs kh = kw = 1, ph = 0: {self.shape}")
         self.hooks = hooks
 
+    HOOKED = "_bn_relu_grad"
+    examples = tuple(f"mb2ic{ic}ih{hw}iw{hw + 2}oc{oc}kh1kw1sh{s}ph0" + ("_bn_relu_grad" if ic == 256
+                                                                         else "")
+                     for ic, oc, s, hw in (
+                         (256, 128, 1, 7),     # DenseNet-121 block 2, first 1x1 of a layer
+                         (64, 128, 1, 8),      # DenseNet-121 block 1
+                         (256, 64, 1, 7),      # ResNet-50 bottleneck reduce
+                         (64, 256, 1, 7),      # ResNet-50 bottleneck expand
+                         (1024, 256, 1, 4),    # ResNet-50 stage 4 reduce (ic spans many panels)
+                         (256, 512, 2, 8),     # ResNet-50 strided projection
+                         (13, 300, 2, 9),      # odd: two oc chunks, odd image, stride 2
+                         (5, 7, 1, 11)))       # odd, fewer channels than a panel
+
     def descriptor(self) -> str:
-        return super().descriptor() + ("_bn_relu_grad" if self.hooks else "")
+        return super().descriptor() + (self.HOOKED if self.hooks else "")
+
+    @classmethod
+    def from_descriptor(cls, text):
+        hooks = text.endswith(cls.HOOKED)
+        st = super().from_descriptor(text[:-len(cls.HOOKED)] if hooks else text)
+        st.hooks = hooks
+        return st
 
     def make_inputs(self, rng):
         mb, ic, ih, iw, oc, _, _, oh, ow = self.dims()

@@ -45,6 +45,8 @@ def _partials(c):
 
 
 class _Site(ConvForward):
+    examples = ("mb2ic32ih9iw8oc16kh3kw3sh1ph1", "mb2ic24ih8iw8oc40kh1kw1sh2ph0")
+
     def _bn_inputs(self, rng, shape):
         c = shape[3]
         x = rng.standard_normal(shape, dtype=np.float32)

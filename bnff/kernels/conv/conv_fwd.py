@@ -133,6 +133,19 @@ class ConvForward(Stage):
     variants = {"naive": conv_forward_naive, "blocked": conv_forward_blocked,
                 "gemm": conv_forward}
     default = "gemm"
+    examples = tuple(f"mb2ic{ic}ih{hw}iw{hw + 1}oc{oc}kh{k}kw{k}sh{s}ph{p}"
+                     for ic, oc, k, s, p, hw in (  # inherited by the other conv stages
+        (3, 64, 7, 2, 3, 14),       # stem
+        (64, 128, 1, 1, 0, 8),      # DenseNet bottleneck 1x1
+        (128, 32, 3, 1, 1, 9),      # DenseNet 3x3
+        (256, 128, 1, 1, 0, 7),     # DenseNet transition
+        (64, 64, 3, 1, 1, 8),       # ResNet 3x3
+        (128, 128, 3, 2, 1, 10),    # ResNet strided 3x3
+        (256, 512, 1, 2, 0, 8),     # ResNet strided projection
+        (1024, 256, 1, 1, 0, 7),    # ResNet 1x1
+        (13, 21, 3, 2, 1, 11),      # odd everything
+        (17, 40, 7, 2, 3, 9),       # odd, 7x7 stride 2
+        (5, 7, 1, 2, 0, 9)))        # odd 1x1 stride 2 (empty stride phases)
 
     def dims(self):
         s = self.shape

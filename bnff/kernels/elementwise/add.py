@@ -35,6 +35,7 @@ class Add(Stage):
     name = "add"
     variants = {"numpy": add_numpy, "prange": add}
     default = "prange"
+    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
 
     def _shape(self):
         s = self.shape

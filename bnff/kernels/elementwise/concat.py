@@ -20,13 +20,15 @@ Kernels ([M, C_k] and [M, C] float32 views; outputs written):
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from numba import njit, prange
 from numba.typed import List
 
 from bnff.kernels import reference as ref
 from bnff.kernels.bn.bn_stats import BLOCKS, block_rows
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, Cost, DescriptorError, Stage
 
 TILE = 8192  # floats per assembled row tile (32 KiB, L1)
 
@@ -155,9 +157,24 @@ def _runs(ics):
 class _Concat(Stage):
     """Shape keys: mb, ics (tuple of input channel counts), ih, iw."""
 
+    examples = ("mb2ic64+32ih7iw7", "mb2ic128+32x3ih7iw7", "mb2ic3+5ih7iw7")
+
     def descriptor(self):
         s = self.shape
         return f"mb{s['mb']}ic{_runs(s['ics'])}ih{s['ih']}iw{s['iw']}"
+
+    @classmethod
+    def from_descriptor(cls, text):
+        """'mb2ic64+32x3ih7iw7' -> ics (64, 32, 32, 32)."""
+        m = re.fullmatch(r"mb(\d+)ic((?:\d+(?:x\d+)?\+)*\d+(?:x\d+)?)ih(\d+)iw(\d+)", text)
+        if m is None:
+            raise DescriptorError(f"descriptor {text!r} does not fit stage {cls.name} "
+                                  "(mb<N>ic<C>+<C>x<repeats>...ih<H>iw<W>)")
+        ics = []
+        for part in m[2].split("+"):
+            c, _, k = part.partition("x")
+            ics += [int(c)] * int(k or 1)
+        return cls(dict(mb=int(m[1]), ics=tuple(ics), ih=int(m[3]), iw=int(m[4])))
 
     def _m(self):
         s = self.shape

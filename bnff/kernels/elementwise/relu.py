@@ -56,6 +56,7 @@ class ReLUForward(Stage):
     name = "relu_fwd"
     variants = {"numpy": relu_forward_numpy, "prange": relu_forward}
     default = "prange"
+    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
 
     def make_inputs(self, rng):
         return {"x": rng.standard_normal(_nhwc(self.shape), dtype=np.float32)}
@@ -78,6 +79,7 @@ class ReLUBackward(Stage):
     """Shape keys: mb, ic, ih, iw. Inputs dy and y (forward output), output dx."""
 
     name = "relu_bwd"
+    examples = ReLUForward.examples
     variants = {"prange": relu_backward}
     default = "prange"
 
