@@ -140,5 +140,8 @@ class Stage:
             r = np.asarray(r, dtype=np.float64)
             o = np.asarray(outputs[k], dtype=np.float64)
             scale = max(float(np.max(np.abs(r))), 1e-30) if r.size else 1.0
-            worst = max(worst, float(np.max(np.abs(o - r))) / scale if r.size else 0.0)
+            err = float(np.max(np.abs(o - r))) / scale if r.size else 0.0
+            if err != err:  # NaN, e.g. an element left unwritten: max() would drop it
+                return float("inf")
+            worst = max(worst, err)
         return worst
