@@ -8,8 +8,15 @@ BNFF := $(VENV)/bin/bnff
 MACHINE = $(shell $(VENV)/bin/python -c "import os, re; from bnff.measure.machine import cpu_model; \
 	print(re.sub('[^a-z0-9]+', '-', cpu_model().lower()).strip('-') + '-%dc' % os.cpu_count())")
 BENCH_ARGS ?= densenet121 resnet50 --batch 16 --image 224 --repeat 3
+# results/ci/<machine>/: the LLVM CPU name Numba compiles for and the core count, e.g. znver4-2c
+CI_MACHINE = $(shell $(VENV)/bin/python -c "import os, llvmlite.binding as llvm; \
+	print(llvm.get_host_cpu_name() + '-%dc' % os.cpu_count())")
+CI_STORE = results/ci/$(CI_MACHINE)
+# A variant fails `make bench-ci` when its median is this much slower than in the previous saved
+# run of the same machine. NOISE_NOTE
+CI_FAIL ?= median:25%
 
-.PHONY: install bench report test clean
+.PHONY: install bench bench-ci report test clean
 
 install: $(STAMP)
 
@@ -24,6 +31,17 @@ $(STAMP): pyproject.toml
 bench: $(STAMP)
 	$(BNFF) bench $(BENCH_ARGS) --csv results/$(MACHINE)/bench.csv
 	$(BNFF) report
+
+# The CI benchmarks (tests/benchmarks) timed: saved under $(CI_STORE), compared with the
+# previous save there, then each variant against its stage's default (bnff ci-table).
+bench-ci: $(STAMP)
+	@prev=$$(ls $(CI_STORE)/*/*.json 2>/dev/null | tail -n 1); \
+	$(VENV)/bin/python -m pytest tests/benchmarks -q -p no:cacheprovider --benchmark-enable \
+		--benchmark-only --benchmark-storage=file://$(CI_STORE) --benchmark-autosave \
+		--benchmark-group-by=group --benchmark-sort=name --benchmark-max-time=0.5 \
+		--benchmark-columns=median,iqr,rounds \
+		$${prev:+--benchmark-compare --benchmark-compare-fail=$(CI_FAIL)}; \
+	status=$$?; $(BNFF) ci-table $(CI_STORE) && exit $$status
 
 report: $(STAMP)
 	$(BNFF) report

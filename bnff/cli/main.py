@@ -16,6 +16,8 @@ COMMANDS = [
     "bnff.cli.micro",
     "bnff.cli.bench",
     "bnff.cli.report",
+    "bnff.cli.compare",
+    "bnff.cli.ci_table",
 ]
 
 

@@ -1,4 +1,5 @@
-"""Batch normalization passes of every schedule (statistics, normalize, scale, backward, and the fused BN+ReLU(+add) passes), every variant.
+"""Batch normalization passes of every schedule (statistics, normalize, scale, backward, and the
+fused BN+ReLU(+add) passes), every variant.
 Shapes, scaling and grouping: ci_cases.py; validation before timing: conftest.py."""
 from ci_cases import time_case
 

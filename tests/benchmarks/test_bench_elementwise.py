@@ -1,4 +1,5 @@
-"""Elementwise stages: ReLU forward and backward, the residual and gradient add, concatenation forward and backward, every variant.
+"""Elementwise stages: ReLU forward and backward, the residual and gradient add, concatenation
+forward and backward, every variant.
 Shapes, scaling and grouping: ci_cases.py; validation before timing: conftest.py."""
 from ci_cases import time_case
 

@@ -21,10 +21,12 @@ def test_every_registered_stage_is_benchmarked(scale):
 
 
 def test_shapes_are_the_networks_layers():
-    """DenseNet-121's 3x3 128->32 conv (its most conv work) and ResNet-50's 3x3 in layer 3
-    are timed at their channels, at 1/2 the image side (112 for 224)."""
-    conv = {st.descriptor() for st, _, _ in ci_cases.cases(2, 112) if st.name == "conv_fwd"}
-    assert conv == {"mb2ic128ih28iw28oc32kh3kw3sh1ph1", "mb2ic256ih7iw7oc256kh3kw3sh1ph1"}
+    """The convs timed are the ones with the most conv work: DenseNet-121's 3x3 128->32 of
+    block 1 and ResNet-50's 3x3 256->256 of layer 3, at their own channels and image size."""
+    timed = ci_cases.cases(ci_cases.TIMED["batch"], ci_cases.TIMED["image"])
+    conv = {st.descriptor(): nets for st, nets, _ in timed if st.name == "conv_fwd"}
+    assert conv == {"mb4ic128ih56iw56oc32kh3kw3sh1ph1": ["densenet121"],
+                    "mb4ic256ih14iw14oc256kh3kw3sh1ph1": ["resnet50"]}
 
 
 def _broken(kind):
