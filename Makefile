@@ -12,9 +12,14 @@ BENCH_ARGS ?= densenet121 resnet50 --batch 16 --image 224 --repeat 3
 CI_MACHINE = $(shell $(VENV)/bin/python -c "import os, llvmlite.binding as llvm; \
 	print(llvm.get_host_cpu_name() + '-%dc' % os.cpu_count())")
 CI_STORE = results/ci/$(CI_MACHINE)
-# A variant fails `make bench-ci` when its median is this much slower than in the previous saved
-# run of the same machine. NOISE_NOTE
-CI_FAIL ?= median:25%
+# A variant fails `make bench-ci` when its fastest round (min: less disturbed by neighbours than
+# the median) is more than CI_FAIL slower than in the previous saved run of the same machine.
+# Run-to-run noise measured on the 2-vCPU AMD EPYC VM (znver5), 5 consecutive runs of one commit,
+# 98 benchmarks: the min moved by 8-13 % (median over benchmarks), 38-61 % (95th percentile) and
+# up to 87 % slower between consecutive runs; medians moved as much (up to 76 %). So only a
+# doubling is told from noise here: threshold 100 %. Within one run, each variant's ratio to its
+# stage's default (bnff ci-table) is what to judge; on a quieter machine lower CI_FAIL.
+CI_FAIL ?= min:100%
 
 .PHONY: install bench bench-ci report test clean
 
@@ -38,7 +43,7 @@ bench-ci: $(STAMP)
 	@prev=$$(ls $(CI_STORE)/*/*.json 2>/dev/null | tail -n 1); \
 	$(VENV)/bin/python -m pytest tests/benchmarks -q -p no:cacheprovider --benchmark-enable \
 		--benchmark-only --benchmark-storage=file://$(CI_STORE) --benchmark-autosave \
-		--benchmark-group-by=group --benchmark-sort=name --benchmark-max-time=0.5 \
+		--benchmark-group-by=group --benchmark-sort=name \
 		--benchmark-columns=median,iqr,rounds \
 		$${prev:+--benchmark-compare --benchmark-compare-fail=$(CI_FAIL)}; \
 	status=$$?; $(BNFF) ci-table $(CI_STORE) && exit $$status

@@ -2,11 +2,14 @@
 bytes of the site's activation tensor (per-channel vectors add well under 0.1 % of S), and
 that the fused schedules move fewer bytes and hold less memory on the built-in networks.
 Figures at batch 16, 224x224, counting each tensor pass once (bnff.md, 'Counting')."""
+import math
+
 import pytest
 
 from bnff.lowering.executor import Executor
 from bnff.lowering.schedules import FLOAT32
 from bnff.suites import networks
+from bnff.suites.flops import network_flops
 
 ORDER = ["caffe", "baseline", "fission", "bnff-fwd", "bnff", "bnff+"]
 
@@ -72,9 +75,17 @@ def test_hooks_add_their_reads_to_the_convs(plans):
     assert site_bytes(p, convs, "forward", "conv") == site_bytes(b, convs, "forward", "conv")
 
 
+# bytes per training iteration at batch 16, 224x224, in ORDER (the README quotes them in GB)
+TOTAL_BYTES = {
+    "densenet121": [26774734276, 20757594692, 16703241284, 14479088708, 11605216580, 8447041604],
+    "resnet50": [20261805508, 15993504452, 12990432964, 11859403972, 9531326660, 8812003524],
+}
+
+
 @pytest.mark.parametrize("net", ["densenet121", "resnet50"])
 def test_each_step_of_restructuring_moves_fewer_bytes(plans, net):
     total = [plans[net][s].cost().bytes for s in ORDER]
+    assert total == TOTAL_BYTES[net]
     assert total == sorted(total, reverse=True) and len(set(total)) == len(total)
     assert plans[net]["bnff"].peak_bytes() < plans[net]["baseline"].peak_bytes()
     assert plans[net]["bnff+"].peak_bytes() <= plans[net]["bnff"].peak_bytes()
@@ -89,3 +100,23 @@ def test_block_buffer_copies_only_block_inputs(plans):
                              if st.kind == "concat")
     assert concat("bnff+") == 4 * s
     assert concat("bnff") > 30 * concat("bnff+")
+
+
+@pytest.mark.parametrize("net", ["densenet121", "resnet50"])
+def test_conv_and_linear_flops_are_the_analytic_count(plans, net):
+    """Every schedule's conv and linear steps do the multiply-adds of bnff/suites/flops.py
+    (forward, backward-data except for the input, backward-weights), 2 FLOPs each; bnff+ on
+    ResNet-50 adds one FLOP per element of each block's conv1 input gradient, the shortcut's
+    gradient its backward-data accumulates into instead of a separate add."""
+    graph = networks.load(net)
+    _, train = network_flops(graph, 16, 224)
+    shapes = graph.infer_shapes(16, 224)
+    linear = {n.name for n in graph.nodes if n.op == "linear"}
+    for sched in ORDER:
+        got = sum(st.cost.flops for st in plans[net][sched].steps
+                  if st.kind == "conv" or st.name.split(" ")[0] in linear)
+        extra = 0
+        if sched == "bnff+" and net == "resnet50":
+            extra = sum(math.prod(shapes[n.inputs[0]]) for n in graph.nodes
+                        if n.op == "conv2d" and n.name.endswith(".conv1"))
+        assert got == train + extra, sched

@@ -1,14 +1,32 @@
 """Parametrizes the CI benchmark modules (each sets FAMILY) with every registered variant of
 its family's stages (ci_cases.py), and compiles and validates each variant before it is
 timed. Timed runs (`make bench-ci`, --benchmark-enable) use the TIMED scale, correctness runs
-(`make test`, --benchmark-disable) the CHECK scale."""
+(`make test`, --benchmark-disable) the CHECK scale. A regression against the saved run
+(--benchmark-compare-fail) fails the session with one line instead of pytest-benchmark's
+traceback."""
 import numpy as np
 import pytest
+from pytest_benchmark.session import PerformanceRegression
 
 import ci_cases
 from bnff.cli.micro import ValidationError
 
 _PREPARED = {}  # the current stage shape's inputs and float64 reference (cases come grouped)
+_SESSION = []
+
+
+def pytest_sessionstart(session):
+    _SESSION.append(session)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_terminal_summary(terminalreporter):
+    try:
+        return (yield)
+    except PerformanceRegression:
+        terminalreporter.write_line("FAIL: slower than the previous saved run beyond "
+                                    "--benchmark-compare-fail (listed above)", red=True)
+        _SESSION[0].exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_generate_tests(metafunc):
