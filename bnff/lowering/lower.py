@@ -51,8 +51,7 @@ class Lowering:
         self.seen = set()  # tensors whose gradient has had its first contribution
 
     def step(self, node, what, kind, phase, call):
-        fn, args, cost = call
-        self.plan.step(f"{node.name} {what}", kind, phase, fn, args, cost)
+        self.plan.step(f"{node.name} {what}", kind, phase, *call)
 
     def declare_io(self):
         p = self.plan
