@@ -9,6 +9,7 @@ from bnff.cli.args import UserError
 from bnff.cli.bench import COLUMNS, memory_guard, validate
 from bnff.cli.main import main
 from bnff.lowering.executor import Executor
+from bnff.lowering.schedules import SCHEDULES
 from bnff.suites.problem import make_batch, make_params
 from bnff.suites import networks
 
@@ -51,7 +52,7 @@ def test_bench_csv_and_report(tmp_path, capsys):
 
 
 def test_memory_guard_refuses_before_allocating():
-    ex = [Executor(networks.load("densenet121"), "baseline", 16, 224)]
+    ex = [Executor(networks.load("densenet121"), SCHEDULES["baseline"], 16, 224)]
     with pytest.raises(UserError, match="GiB are available"):
         memory_guard(ex, available=2**30)
     assert ex[0].arrays is None
@@ -60,7 +61,7 @@ def test_memory_guard_refuses_before_allocating():
 
 def test_validation_catches_a_wrong_schedule():
     g = networks.load(EXAMPLE)
-    exs = [Executor(g, s, 2, 16) for s in ("baseline", "caffe")]
+    exs = [Executor(g, SCHEDULES[s], 2, 16) for s in ("baseline", "caffe")]
     params = make_params(g, 0)
     x, labels = make_batch(g, 2, 16, 0)
     for ex in exs:

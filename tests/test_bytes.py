@@ -5,7 +5,7 @@ Figures at batch 16, 224x224, counting each tensor pass once (bnff.md, 'Counting
 import pytest
 
 from bnff.lowering.executor import Executor
-from bnff.lowering.schedules import FLOAT32
+from bnff.lowering.schedules import FLOAT32, SCHEDULES
 from bnff.suites import networks
 
 ORDER = ["caffe", "baseline", "fission", "bnff-fwd", "bnff", "bnff+"]
@@ -13,7 +13,7 @@ ORDER = ["caffe", "baseline", "fission", "bnff-fwd", "bnff", "bnff+"]
 
 @pytest.fixture(scope="module")
 def plans():
-    return {net: {s: Executor(networks.load(net), s, 16, 224).plan for s in FLOAT32}
+    return {net: {s: Executor(networks.load(net), SCHEDULES[s], 16, 224).plan for s in FLOAT32}
             for net in ("densenet121", "resnet50")}
 
 

@@ -99,12 +99,12 @@ def test_every_staged_step_costs_what_its_stage_declares():
     """A step's StageCall names a stage, shape and variant whose declared cost is the step's:
     what `bnff micro` times is what `bench` runs and counts."""
     from bnff.kernels import registry
-    from bnff.lowering.lower import lower
-    from bnff.lowering.schedules import OPTIONS
+    from bnff.lowering.dispatch import lower
+    from bnff.lowering.schedules import SCHEDULES
     from bnff.suites import networks
     for net in ("resnet50", "densenet121"):
         g = networks.load(net)
-        for name, opt in OPTIONS.items():
+        for name, opt in SCHEDULES.items():
             plan, _ = lower(g, 2, 32, opt)
             staged = [s for s in plan.steps if s.stage is not None]
             assert staged, (net, name)

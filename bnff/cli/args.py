@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, never as a traceback."""
+from bnff.errors import UserError  # noqa: F401  (the commands' one error type, re-exported)
 
 
 def positive_int(text: str) -> int:

@@ -11,7 +11,7 @@ without NET times that one stage alone: a descriptor parses back into its stage.
 For each stage: inputs are made once, every selected variant is run and checked against the
 float64 reference (ValidationError if one misses the stage's tolerance), then per thread
 count each variant is warmed up and the variants are timed interleaved, round after round,
-so drift hits them alike. The roofline (bnff/cli/roofline.py) is measured in the same run at
+so drift hits them alike. The roofline (bnff/measure/roofline.py) is measured in the same run at
 each thread count, at its start and at its end, keeping the better of the two per figure
 (STREAM's best-of rule: a neighbour during one measurement must not inflate the percentages).
 pct_roofline is GB/s over triad for a memory-bound row and GFLOP/s over the FMA peak for a
@@ -40,12 +40,12 @@ import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
-from bnff.cli import roofline
 from bnff.cli.args import UserError, add_network_args, nonneg_int, positive_int, thread_list
 from bnff.kernels import registry
-from bnff.lowering.lower import lower
+from bnff.lowering.dispatch import lower
 from bnff.lowering.plan import distinct_stage_calls, unstaged
-from bnff.lowering.schedules import OPTIONS
+from bnff.lowering.schedules import SCHEDULES
+from bnff.measure import roofline
 from bnff.measure.machine import append_csv, llc_bytes, machine_info
 from bnff.suites import networks
 
@@ -74,7 +74,7 @@ def check_batch_norm(graph, batch: int, image: int) -> None:
 def plans_of(graph, batch: int, image: int) -> dict:
     """{schedule: Plan} of every float32 schedule."""
     check_batch_norm(graph, batch, image)
-    return {name: lower(graph, batch, image, opt)[0] for name, opt in OPTIONS.items()}
+    return {name: lower(graph, batch, image, s)[0] for name, s in SCHEDULES.items()}
 
 
 def stages_of(graph, batch: int, image: int, plans=None) -> list:

@@ -15,8 +15,8 @@ Backward, the gradient of the block is one buffer too: the BN reading F writes i
 each BN over a prefix adds its dx into the prefix slice, each conv reads the gradient of
 its feature from its slice, and a copied feature's gradient is copied out once.
 
-Further fusion, in every network: conv backward-data adds into a gradient that is already
-started itself (no temporary and add pass).
+Further fusion, in every network (the schedule's conv_data_native): conv backward-data adds
+into a gradient that is already started itself (no temporary and add pass).
 """
 from __future__ import annotations
 
@@ -41,8 +41,6 @@ class Block:
 
 
 class BlockLowering(SplitLowering):
-    conv_data_native = True
-
     def __init__(self, *args):
         super().__init__(*args)
         self.blocks, self.member, self.copied = {}, {}, {}  # slice tensor / copied feature -> Block

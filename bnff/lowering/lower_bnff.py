@@ -1,5 +1,5 @@
 """Lowering of the split-BN schedules (fission, bnff-fwd, bnff): BN fission, and with the
-options the fusion of its halves into the neighbouring convolutions (see SplitLowering)."""
+schedule's flags the fusion of its halves into the neighbouring convolutions (see SplitLowering)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ class Site:
 
 
 class SplitLowering(Lowering):
-    """BN fission, and with the options the fusion, of the paper (fission, bnff-fwd, bnff):
+    """BN fission, and with the schedule's flags the fusion, of the paper (fission, bnff-fwd, bnff):
 
     forward   sub-BN1 (statistics) in the epilogue of the conv producing x, else one stable
               pass; sub-BN2 (a*x + b) with the ReLU in the prologue of the conv consuming the
@@ -42,8 +42,6 @@ class SplitLowering(Lowering):
               conv's backward-weights recomputes z from x in its prologue whenever z was not
               written. A 1x1 conv computes both gradients in one pass over dy.
     """
-
-    conv_data_native = False  # backward-data adds into a started gradient itself
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -81,16 +79,16 @@ class SplitLowering(Lowering):
 
     # what is fused where
     def stats_in_epilogue(self, s):
-        return self.opt.fuse_forward and s.producer is not None
+        return self.schedule.fuse_forward and s.producer is not None
 
     def norm_in_prologue(self, s):
-        return self.opt.fuse_forward and s.consumer is not None
+        return self.schedule.fuse_forward and s.consumer is not None
 
     def sums_in_epilogue(self, s):
-        return self.opt.fuse_backward and self.norm_in_prologue(s)
+        return self.schedule.fuse_backward and self.norm_in_prologue(s)
 
     def dx_in_prologue(self, s):
-        return self.opt.fuse_backward and self.stats_in_epilogue(s)
+        return self.schedule.fuse_backward and self.stats_in_epilogue(s)
 
     def unmasked(self, s):
         """dy:<bn> holds dz, not dz * mask: the consuming conv's backward-data epilogue only
@@ -208,7 +206,7 @@ class SplitLowering(Lowering):
         x, xs = n.inputs[0], self.shapes[n.inputs[0]]
         dy, pro_dy, pdy_args = self.grad_operand(n)
         src, pro_x, px_args = self.input_operand(n)
-        if self.opt.fuse_backward and n["kernel"] == 1 and n["padding"] == 0 and x != INPUT:
+        if self.schedule.fuse_backward and n["kernel"] == 1 and n["padding"] == 0 and x != INPUT:
             return self.conv_backward_1x1(n, dy, pro_dy, pdy_args, src, pro_x, px_args)
         self.step(n, "bwd-weights", "conv", "backward", fo.conv_bwd_weights_fused_call(
             R(src), dy, W(f"grad:{n.name}.weight"), xs, n, pro_x, px_args, pro_dy, pdy_args))
@@ -223,7 +221,7 @@ class SplitLowering(Lowering):
             return
         self.contribute(n, "bwd-data", "conv", x, lambda d, acc: fo.conv_bwd_data_fused_call(
             dy, R(f"{n.name}.weight"), d, xs, n, pro_dy, pdy_args, None, (), acc),
-            native=self.conv_data_native)
+            native=self.schedule.conv_data_native)
 
     def conv_backward_1x1(self, n, dy, pro_dy, pdy_args, src, pro_x, px_args):
         """Both gradients of a 1x1 conv in one pass over dy (bnff/kernels/conv/conv_bwd_fused.py): dy
@@ -238,7 +236,8 @@ class SplitLowering(Lowering):
             self.step(n, f"bwd data+weights +{epi} epilogue", "conv", "backward",
                       call(W(out), False, epi, epi_args))
             return
-        self.contribute(n, "bwd data+weights", "conv", x, call, native=self.conv_data_native)
+        self.contribute(n, "bwd data+weights", "conv", x, call,
+                        native=self.schedule.conv_data_native)
 
     def grad_operand(self, n):
         """The conv's incoming gradient: d:n, or formed from the site's dy in the prologue

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from bnff.cli.args import UserError
+from bnff.errors import UserError
 
 KINDS = ["conv", "bn", "relu", "concat", "pool", "other"]
 
