@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bnff.kernels.conv.conv_common import CHANNEL_SUMS
 from bnff.lowering import ops
 from bnff.lowering import ops_bnff as fo
 from bnff.lowering.lower_bnff import SplitLowering
@@ -120,7 +121,7 @@ class BlockLowering(SplitLowering):
         if n.name not in self.member:
             return super().forward_epilogue(n)
         c = self.shapes[n.name][3]
-        return "stats", tuple(W(self.plan.tensor(f"{n.name}.{v}", fo.partials_shape(c),
+        return CHANNEL_SUMS, tuple(W(self.plan.tensor(f"{n.name}.{v}", fo.partials_shape(c),
                                                  np.float64)) for v in ("fs1", "fs2"))
 
     def conv_forward(self, n):

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bnff.hooks.bnff_hooks import BN, BN_RELU_GRAD, RELU_SUMS, SUMS
+from bnff.kernels.conv.conv_common import BN_GRAD, BN_RELU, CHANNEL_SUMS
 from bnff.lowering import ops
 from bnff.lowering import ops_bnff as fo
 from bnff.lowering.lower import Lowering
@@ -122,12 +124,12 @@ class SplitLowering(Lowering):
         src, pro, pro_args = x, None, ()
         s = self.by_out.get(x)
         if s is not None and s.consumer is n and self.norm_in_prologue(s):
-            src, pro = s.x, ("bn_relu" if s.relu else "bn")
+            src, pro = s.x, (BN_RELU if s.relu else BN)
             pro_args = (R(self.vec(s, "a")), R(self.vec(s, "b")))
         epi, epi_args = self.forward_epilogue(n)
         self.declare_output(n)
-        self.step(n, "fwd" + (f" +{pro} prologue" if pro else "") +
-                  (f" +{epi} epilogue" if epi else ""), "conv", "forward",
+        self.step(n, "fwd" + (f" +{pro.name} prologue" if pro else "") +
+                  (f" +{epi.name} epilogue" if epi else ""), "conv", "forward",
                   fo.conv_fwd_fused_call(R(src), R(f"{n.name}.weight"), W(n.name),
                                           self.shapes[x], n, pro, pro_args, epi, epi_args))
 
@@ -137,7 +139,7 @@ class SplitLowering(Lowering):
         if t is None or not self.stats_in_epilogue(t):
             return None, ()
         c = self.shapes[n.name][3]
-        return "stats", tuple(W(self.vec(t, v, fo.partials_shape(c), np.float64))
+        return CHANNEL_SUMS, tuple(W(self.vec(t, v, fo.partials_shape(c), np.float64))
                               for v in ("fs1", "fs2"))
 
     def declare_output(self, n):
@@ -215,7 +217,7 @@ class SplitLowering(Lowering):
         e = self.data_epilogue(n)
         if e is not None:
             out, epi, epi_args = e
-            self.step(n, f"bwd-data +{epi} epilogue", "conv", "backward",
+            self.step(n, f"bwd-data +{epi.name} epilogue", "conv", "backward",
                       fo.conv_bwd_data_fused_call(dy, R(f"{n.name}.weight"), W(out), xs, n,
                                                    pro_dy, pdy_args, epi, epi_args))
             return
@@ -233,7 +235,7 @@ class SplitLowering(Lowering):
         e = self.data_epilogue(n)
         if e is not None:
             out, epi, epi_args = e
-            self.step(n, f"bwd data+weights +{epi} epilogue", "conv", "backward",
+            self.step(n, f"bwd data+weights +{epi.name} epilogue", "conv", "backward",
                       call(W(out), False, epi, epi_args))
             return
         self.contribute(n, "bwd data+weights", "conv", x, call,
@@ -246,7 +248,7 @@ class SplitLowering(Lowering):
         if t is None or not self.dx_in_prologue(t):
             return R(f"d:{n.name}"), None, ()
         mask = tuple(R(self.vec(t, v)) for v in ("a", "b")) if self.unmasked(t) else ()
-        return (R(self.dy_of(t)), "bn_relu_grad" if mask else "bn_grad",
+        return (R(self.dy_of(t)), BN_RELU_GRAD if mask else BN_GRAD,
                 (R(t.x),) + mask + tuple(R(self.vec(t, v)) for v in ("ga", "gp", "gq")))
 
     def input_operand(self, n):
@@ -256,7 +258,7 @@ class SplitLowering(Lowering):
         s = self.by_out.get(x)
         if s is None or s.consumer is not n or not self.norm_in_prologue(s):
             return x, None, ()
-        return s.x, ("bn_relu" if s.relu else "bn"), (R(self.vec(s, "a")), R(self.vec(s, "b")))
+        return s.x, (BN_RELU if s.relu else BN), (R(self.vec(s, "a")), R(self.vec(s, "b")))
 
     def data_epilogue(self, n):
         """When n consumes a BN site whose backward sums go into n's backward-data epilogue:
@@ -268,9 +270,9 @@ class SplitLowering(Lowering):
         parts = tuple(W(self.vec(s, v, fo.partials_shape(xs[3]), np.float64))
                       for v in ("bs1", "bs2"))
         if s.relu:
-            epi, epi_args = "relu_sums", (R(s.x), R(self.vec(s, "a")), R(self.vec(s, "b"))) + parts
+            epi, epi_args = RELU_SUMS, (R(s.x), R(self.vec(s, "a")), R(self.vec(s, "b"))) + parts
         else:
-            epi, epi_args = "sums", (R(s.x),) + parts
+            epi, epi_args = SUMS, (R(s.x),) + parts
         self.seen.add(x)
         self.plan.tensor(self.dy_of(s), xs)
         return self.dy_of(s), epi, epi_args

@@ -46,26 +46,17 @@ from bnff.hooks.bnff_hooks import bn_relu_grad_prologue
 from bnff.kernels.conv.conv_bwd_data import make_conv_backward_data
 from bnff.kernels.conv.conv_bwd_weights import make_conv_backward_weights
 from bnff.kernels.conv.conv_common import (JB_FLOATS, conv_flops, from_ohwi, identity_epilogue,
-                                 identity_prologue, pixels, row_step, stable)
+                                 identity_prologue, pixels, row_step, hooked)
 from bnff.kernels.conv.conv_fwd import ConvForward
 from bnff.engine.gemm import KC, MR, NR, make_tile, pack_b, tile
 from bnff.kernels.stage import F32, Cost
 
 tile_t = make_tile(1, KC)  # A(r, k) = ap[r + k*KC]: the row-packed G block read transposed
 
-_cache: dict = {}
-
-
+@hooked
 def make_conv_backward_1x1(prologue_dy=identity_prologue, prologue_x=identity_prologue,
                            epilogue=identity_epilogue):
     """2. One pass, the three hooks compiled in; memoized."""
-    key = (prologue_dy, prologue_x, epilogue)
-    if key in _cache:
-        return _cache[key]
-    stable(prologue_dy)
-    stable(prologue_x)
-    stable(epilogue)
-
     @njit(parallel=True, fastmath=True, cache=True)
     def kernel(x1, xps, dy1, yps, dx1, dps, dw2, part, bw, N, H, W, OH, OW, s, acc, pdy_args,
                px_args, epi_args, nt):
@@ -186,7 +177,6 @@ def make_conv_backward_1x1(prologue_dy=identity_prologue, prologue_x=identity_pr
         kernel(xf, xps, yf, yps, df, dps, dw.reshape(OC, IC), part, bw, N, H, W, oh, ow, stride,
                accumulate, pdy_args, px_args, epi_args, nt)
 
-    _cache[key] = conv_backward_1x1
     return conv_backward_1x1
 
 
