@@ -23,6 +23,8 @@ def test_bench_csv_and_report(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "vs caffe" in printed and "time by kind" in printed
+    assert "2 rounds, stopped: " in printed  # --budget 0: --repeat rounds, and it says why
+    assert "x [" in printed  # speedups with their intervals
     assert main(argv) == 0  # appending keeps a single header
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -80,3 +82,15 @@ def test_bench_argument_errors(capsys):
     with pytest.raises(SystemExit):
         main(["bench", EXAMPLE, "--threads", "999"])
     assert "thread counts must be between 1 and" in capsys.readouterr().err
+
+
+def test_bench_adds_rounds_until_the_budget_ends(capsys):
+    argv = ["bench", EXAMPLE, "--batch", "2", "--image", "16", "--threads", "1",
+            "--schedules", "caffe,baseline", "--repeat", "2", "--ci-target", "1e-9",
+            "--budget", "0.5"]
+    assert main(argv) == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if "stopped:" in line)
+    assert "time budget of 0.5 s reached" in note and int(note.split()[3]) > 2
+    with pytest.raises(SystemExit):
+        main(argv[:-2] + ["--budget", "-1"])
+

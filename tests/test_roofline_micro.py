@@ -1,36 +1,21 @@
-"""Contracts of `bnff roofline` and `bnff micro` at tiny sizes: CSV columns, one header per
-file on append, positive figures, clear errors. Speed is not tested here."""
-import argparse
+"""Contracts of `bnff roofline` and `bnff micro` at tiny sizes, through the CLI itself: CSV
+columns, one header per file on append, positive figures, clear errors. Speed is not tested
+here."""
 import csv
 
 import numpy as np
 import pytest
 
 from bnff.cli import micro, roofline
-from bnff.cli.args import UserError
+from bnff.cli.main import main as bnff  # the CLI itself: its parsing and its error handling
 from bnff.measure.machine import machine_info
+from bnff.measure.measurement import ValidationError, validate
 from bnff.kernels.bn.bn_stats import BNStats
 from bnff.suites import networks
-from bnff.suites.graph import GraphError
 
 TINY = ["--array-mib", "1", "--gemm-n", "64", "--reps", "1"]
 MACHINE = ["cpu_model", "cores", "l1d_bytes", "l2_bytes", "l3_bytes", "python", "numpy", "numba",
            "threading_layer", "git_commit", "timestamp"]
-
-
-def bnff(argv):
-    """Parse and run like bnff/cli/main.py does for these two commands: exit code, or 2 with a
-    one-line message for bad input."""
-    p = argparse.ArgumentParser(prog="bnff")
-    sub = p.add_subparsers(dest="command", required=True)
-    roofline.add_parser(sub)
-    micro.add_parser(sub)
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except (UserError, GraphError) as e:
-        print(f"bnff {args.command}: error: {e}")
-        return 2
 
 
 def read(path):
@@ -64,7 +49,7 @@ def test_roofline_refuses_a_csv_with_other_columns(tmp_path, capsys):
     out = tmp_path / "other.csv"
     out.write_text("a,b\n1,2\n")
     assert bnff(["roofline", "--threads", "1", "--csv", str(out)] + TINY) == 2
-    assert "other columns" in capsys.readouterr().out
+    assert "other columns" in capsys.readouterr().err
 
 
 def test_bad_thread_count_is_a_usage_error(capsys):
@@ -115,9 +100,9 @@ def test_standalone_descriptor_reproduces_a_row(tmp_path, capsys):
     assert rows[0]["reproducer"].startswith("bnff micro --stage bn_normalize --descriptor "
                                             "mb2ic8ih4iw4eps0.001 --variant ")
     assert bnff(["micro", "--stage", "bn_normalize"] + TINY) == 2
-    assert "--descriptor" in capsys.readouterr().out
+    assert "--descriptor" in capsys.readouterr().err
     assert bnff(["micro", "--stage", "bn_normalize", "--descriptor", "mb2x"] + TINY) == 2
-    assert "cannot parse descriptor" in capsys.readouterr().out
+    assert "cannot parse descriptor" in capsys.readouterr().err
 
 
 def test_micro_csv_rows_and_single_header(tmp_path, capsys):
@@ -146,17 +131,17 @@ def test_micro_csv_rows_and_single_header(tmp_path, capsys):
 def test_micro_unknown_stage_and_variant_are_clear(capsys):
     base = ["micro", "resnet50", "--batch", "2", "--image", "32", "--threads", "1"] + TINY
     assert bnff(base + ["--stage", "nope"]) == 2
-    assert "unknown stage 'nope'" in capsys.readouterr().out
+    assert "unknown stage 'nope'" in capsys.readouterr().err
     assert bnff(base + ["--stage", "bn_stats", "--variant", "nope"]) == 2
-    assert "has no variant 'nope'" in capsys.readouterr().out
+    assert "has no variant 'nope'" in capsys.readouterr().err
     assert bnff(["micro", "nosuchnet"] + TINY) == 2
-    assert "unknown network" in capsys.readouterr().out
+    assert "unknown network" in capsys.readouterr().err
 
 
 def test_micro_refuses_single_value_batch_norm(capsys):
     argv = ["micro", "resnet50", "--batch", "1", "--image", "32", "--threads", "1"] + TINY
     assert bnff(argv) == 2
-    assert "more than one value per channel" in capsys.readouterr().out
+    assert "more than one value per channel" in capsys.readouterr().err
 
 
 def test_validation_failure_is_a_clear_error(monkeypatch, capsys):
@@ -169,10 +154,9 @@ def test_validation_failure_is_a_clear_error(monkeypatch, capsys):
     assert bnff(argv) == 1
     err = capsys.readouterr().err
     assert "validation failed: bn_stats variant broken" in err and "tolerance" in err
-    with pytest.raises(micro.ValidationError):
+    with pytest.raises(ValidationError):
         st = BNStats(dict(mb=1, ic=8, ih=4, iw=4))
-        ins = st.make_inputs(np.random.default_rng(0))
-        micro.validate(st, ["broken"], ins, st.allocate_outputs())
+        validate(st, ["broken"], st.make_inputs(np.random.default_rng(0)))
 
 
 def test_memory_target_is_byte_weighted_over_big_default_memory_rows():

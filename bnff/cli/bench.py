@@ -1,13 +1,14 @@
 """`bnff bench`: whole training iterations of networks under several schedules, per thread
 count. Every schedule is allocated once and checked against `baseline` (loss and gradients)
 before it is timed; a warm-up iteration compiles, and its excess over the median is reported
-as compile time; repeats interleave the schedules so machine drift hits them alike."""
+as compile time; rounds interleave the schedules so machine drift hits them alike, and each
+speedup is taken from the per-round paired ratios with a 95 % interval
+(bnff/measure/measurement.py). After --repeat rounds, rounds are added until every speedup's
+interval is within +-(--ci-target) or --budget seconds have passed, and the run says which."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from collections import defaultdict
 
 import numba
 import psutil
@@ -16,7 +17,8 @@ from tqdm import tqdm
 from bnff.cli.args import UserError, positive_int, thread_list
 from bnff.lowering.executor import Executor
 from bnff.measure.machine import append_csv, machine_info
-from bnff.measure.measurement import max_rel_grad_diff, summary_tables
+from bnff.measure.measurement import (max_rel_grad_diff, median_min_max, paired_speedup,
+                                      summary_tables)
 from bnff.suites.problem import make_batch, make_params
 from bnff.lowering.schedules import FLOAT32, GRAD_TOLERANCE, SCHEDULES
 from bnff.suites import networks
@@ -42,11 +44,38 @@ def add_parser(sub) -> None:
     p.add_argument("--schedules", type=_schedule_list, default=list(SCHEDULES.values()),
                    help=f"comma-separated schedules (default: {','.join(FLOAT32)})")
     p.add_argument("--repeat", type=positive_int, default=5,
-                   help="timed iterations per schedule and thread count (default 5)")
+                   help="timed rounds (one iteration of every schedule each) per thread count, "
+                        "at least (default 5)")
+    p.add_argument("--ci-target", type=_fraction, default=0.03,
+                   help="add rounds until every speedup's 95%% interval is within +- this "
+                        "fraction (default 0.03), unless --budget ends first")
+    p.add_argument("--budget", type=_seconds, default=0.0,
+                   help="seconds of rounds per network and thread count after which no more "
+                        "are added (default 0: exactly --repeat rounds)")
     p.add_argument("--seed", type=int, default=0, help="seed of parameters and batch")
     p.add_argument("--csv", metavar="FILE", help="append rows to this CSV file")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots here (needs matplotlib)")
     p.set_defaults(func=run)
+
+
+def _fraction(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return v
+
+
+def _seconds(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return v
 
 
 def _schedule_list(text):
@@ -91,14 +120,22 @@ def validate(executors, reference="baseline") -> dict:
     return out
 
 
-def bench_network(graph, args, bar, machine) -> list:
+def speedups_of(network, threads, iter_times) -> dict:
+    """{(network, threads, schedule, ref): Speedup} over `caffe` and `baseline` when run."""
+    return {(network, threads, s, ref): paired_speedup(iter_times[ref], ts)
+            for ref in ("caffe", "baseline") if ref in iter_times
+            for s, ts in iter_times.items() if s != ref}
+
+
+def bench_network(graph, args, bar, machine) -> tuple:
+    """(rows, speedups, one line per thread count saying why its rounds stopped)."""
     executors = [Executor(graph, s, args.batch, args.image) for s in args.schedules]
     memory_guard(executors)
     params = make_params(graph, args.seed)
     x, labels = make_batch(graph, args.batch, args.image, args.seed)
     for ex in executors:
         ex.load(params, x, labels)
-    rows = []
+    rows, speedups, notes = [], {}, []
     for threads in args.threads:
         numba.set_num_threads(threads)
         warm = {}
@@ -109,8 +146,9 @@ def bench_network(graph, args, bar, machine) -> list:
             bar.update(1)
         validate(executors)
         step_times = {ex.schedule.name: [] for ex in executors}
-        iter_times = defaultdict(list)
-        for _ in range(args.repeat):
+        iter_times = {ex.schedule.name: [] for ex in executors}
+        start, rounds = time.perf_counter(), 0
+        while True:
             for ex in executors:
                 times = []
                 t = time.perf_counter()
@@ -118,12 +156,26 @@ def bench_network(graph, args, bar, machine) -> list:
                 iter_times[ex.schedule.name].append(time.perf_counter() - t)
                 step_times[ex.schedule.name].append(times)
                 bar.update(1)
+            rounds += 1
+            if rounds < args.repeat:
+                continue
+            here = speedups_of(graph.name, threads, iter_times)
+            widest = max((sp.half_width for sp in here.values()), default=0.0)
+            if widest <= args.ci_target:
+                why = f"every speedup interval within +-{100 * args.ci_target:g}%"
+                break
+            if time.perf_counter() - start >= args.budget:
+                why = (f"time budget of {args.budget:g} s reached; widest speedup interval "
+                       f"+-{100 * widest:.1f}% (target +-{100 * args.ci_target:g}%)")
+                break
+        speedups.update(here)
+        notes.append(f"{graph.name}, {threads} threads: {rounds} rounds, stopped: {why}")
         for ex in executors:
             name = ex.schedule.name
             rows += _rows(ex, threads, step_times[name], iter_times[name], warm[name], machine)
     for ex in executors:
         ex.release()
-    return rows
+    return rows, speedups, notes
 
 
 def _rows(ex, threads, step_times, iter_times, warm, machine) -> list:
@@ -131,15 +183,15 @@ def _rows(ex, threads, step_times, iter_times, warm, machine) -> list:
             "image": ex.image, "threads": threads, "repeats": len(iter_times), **machine}
     rows = []
     for i, s in enumerate(ex.plan.steps):
-        ts = [rep[i] for rep in step_times]
+        med, lo, hi = median_min_max([rep[i] for rep in step_times])
         rows.append({**base, "stage": s.name, "kind": s.kind, "phase": s.phase,
-                     "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+                     "median_s": med, "min_s": lo, "max_s": hi,
                      "bytes": s.cost.bytes, "flops": s.cost.flops, "peak_mem_bytes": "",
                      "compile_s": ""})
     cost = ex.plan.cost()
-    median = statistics.median(iter_times)
+    median, lo, hi = median_min_max(iter_times)
     rows.append({**base, "stage": "iteration", "kind": "all", "phase": "all",
-                 "median_s": median, "min_s": min(iter_times), "max_s": max(iter_times),
+                 "median_s": median, "min_s": lo, "max_s": hi,
                  "bytes": cost.bytes, "flops": cost.flops, "peak_mem_bytes": ex.peak_bytes(),
                  "compile_s": max(warm - median, 0.0)})
     return rows
@@ -149,19 +201,23 @@ def run(args) -> int:
     graphs = [networks.load(n) for n in args.networks]
     machine = machine_info()
     total = len(graphs) * len(args.threads) * len(args.schedules) * (args.repeat + 1)
-    rows = []
+    rows, speedups, notes = [], {}, []
     with tqdm(total=total, desc="bench", unit="iter", leave=False) as bar:
         for g in graphs:
             bar.set_postfix_str(g.name)
-            rows += bench_network(g, args, bar, machine)
+            r, sp, n = bench_network(g, args, bar, machine)
+            rows, notes = rows + r, notes + n
+            speedups.update(sp)
     columns = COLUMNS + [k for k in machine if k not in COLUMNS]
     if args.csv:
         append_csv(args.csv, rows, columns)
-    print(summary_tables(rows))
+    print("\n".join(notes))
+    print("speedups: geometric mean of per-round paired ratios [95% bootstrap interval]\n")
+    print(summary_tables(rows, speedups))
     if args.csv:
         print(f"\nwrote {len(rows)} rows to {args.csv}")
     if args.plot:
         from bnff.measure.plots import plot_bench
-        for path in plot_bench(rows, args.plot):
+        for path in plot_bench(rows, args.plot, speedups=speedups):
             print(f"wrote {path}")
     return 0

@@ -8,8 +8,9 @@ runs the shape. Steps that compose kernels (convs with BN hooks, the per-channel
 merges) run no registered stage and are reported, not timed. `--stage S --descriptor D`
 without NET times that one stage alone: a descriptor parses back into its stage.
 
-For each stage: inputs are made once, every selected variant is run and checked against the
-float64 reference (ValidationError if one misses the stage's tolerance), then per thread
+For each stage: inputs are made once, every selected variant is run into fresh NaN-filled
+outputs and checked against the float64 reference (bnff/measure/measurement.py;
+ValidationError if one misses the stage's tolerance), then per thread
 count each variant is warmed up and the variants are timed interleaved, round after round,
 so drift hits them alike. The roofline (bnff/measure/roofline.py) is measured in the same run at
 each thread count, at its start and at its end, keeping the better of the two per figure
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
+from functools import partial
 
 import numba
 import numpy as np
@@ -47,6 +48,7 @@ from bnff.lowering.plan import distinct_stage_calls, unstaged
 from bnff.lowering.schedules import SCHEDULES
 from bnff.measure import roofline
 from bnff.measure.machine import append_csv, llc_bytes, machine_info
+from bnff.measure.measurement import ValidationError, interleaved, validate
 from bnff.suites import networks
 
 COLUMNS = ["network", "batch", "image", "stage", "variant", "is_default", "descriptor", "count",
@@ -54,10 +56,6 @@ COLUMNS = ["network", "batch", "image", "stage", "variant", "is_default", "descr
            "pct_roofline", "triad_gbps", "fma_gflops", "sgemm_gflops", "pct_sgemm",
            "footprint_bytes", "max_rel_error", "reproducer"]
 CONV_DIRECTIONS = ["conv_fwd", "conv_bwd_data", "conv_bwd_weights"]
-
-
-class ValidationError(Exception):
-    """A variant's output differs from the float64 reference by more than its tolerance."""
 
 
 def check_batch_norm(graph, batch: int, image: int) -> None:
@@ -105,37 +103,6 @@ def untimed(plans) -> str:
 
 def footprint(arrays: dict) -> int:
     return sum(a.nbytes for a in arrays.values())
-
-
-def validate(stage, variants, inputs, outputs) -> dict:
-    """{variant: max relative error}; raises ValidationError on the first one out of tolerance."""
-    ref = stage.reference(inputs)
-    errors = {}
-    for v in variants:
-        stage.run(v, inputs, outputs)
-        errors[v] = stage.max_rel_error(outputs, ref)
-        if not errors[v] <= stage.tolerance:
-            raise ValidationError(f"{stage.name} variant {v} at {stage.descriptor()}: max relative "
-                                  f"error {errors[v]:.3g} > tolerance {stage.tolerance:.3g}")
-    return errors
-
-
-def time_variants(stage, variants, inputs, outputs, reps: int, min_time: float) -> dict:
-    """{variant: [seconds per call]}: one warm-up call each, then interleaved rounds, at least
-    `reps` and until each variant has run `min_time` seconds (at most 50 * reps rounds)."""
-    t_one = {}
-    for v in variants:
-        t0 = time.perf_counter()
-        stage.run(v, inputs, outputs)
-        t_one[v] = time.perf_counter() - t0
-    rounds = int(min(50 * reps, max(reps, min_time / max(min(t_one.values()), 1e-7))))
-    times = {v: [] for v in variants}
-    for _ in range(rounds):
-        for v in variants:
-            t0 = time.perf_counter()
-            stage.run(v, inputs, outputs)
-            times[v].append(time.perf_counter() - t0)
-    return times
 
 
 def select(items: list, stage: str | None, variant: str | None, descriptor: str | None) -> list:
@@ -326,13 +293,15 @@ def micro(args, progress=True) -> list:
         rng = np.random.default_rng(args.seed)
         for st, count, variants in work:
             bar.set_postfix_str(f"{st.name} {st.descriptor()}"[:60])
-            inputs, outputs = st.make_inputs(rng), st.allocate_outputs()
+            inputs = st.make_inputs(rng)
             numba.set_num_threads(max(threads))
-            errors = validate(st, variants, inputs, outputs)
+            errors = validate(st, variants, inputs)
+            outputs = st.allocate_outputs()
             fp = footprint(inputs) + footprint(outputs)
+            calls = {v: partial(st.run, v, inputs, outputs) for v in variants}
             for t in threads:
                 numba.set_num_threads(t)
-                times = time_variants(st, variants, inputs, outputs, args.reps, args.min_time)
+                times = interleaved(calls, args.reps, args.min_time)
                 timed += [(st, count, v, t, times[v], errors, fp) for v in variants]
             bar.update()
             del inputs, outputs

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import llvmlite.binding as llvm
 import numba
@@ -28,6 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from bnff.measure.machine import llc_bytes
+from bnff.measure.measurement import best_of
 
 CHAINS = 12  # independent FMA chains per thread: > latency x pipes on current x86 cores
 WIDTH = 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
@@ -103,23 +103,13 @@ def fma_peak_kernel(threads, n, out):
         out[t] = _fma_chains(n)
 
 
-def _best(fn, reps):
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def stream(array_mib: float, reps: int) -> dict:
     """GB/s of the four STREAM kernels at the current Numba thread count."""
     n = max(1024, int(array_mib * (1 << 20)) // 8)
     a, b, c = np.zeros(n), np.full(n, 1.0), np.full(n, 2.0)
     out = {}
     for name, (fn, per_elem) in STREAM.items():
-        out[f"{name}_gbps"] = per_elem * n / _best(lambda: fn(a, b, c, 3.0), reps) / 1e9
+        out[f"{name}_gbps"] = per_elem * n / best_of(lambda: fn(a, b, c, 3.0), reps) / 1e9
     return out
 
 
@@ -128,12 +118,12 @@ def fma_peak(threads: int, reps: int, seconds: float = 0.1) -> float:
     out = np.zeros(threads, np.float32)
     n = 1 << 16
     while True:  # grow n until one call takes `seconds`
-        t = _best(lambda: fma_peak_kernel(threads, n, out), 1)
+        t = best_of(lambda: fma_peak_kernel(threads, n, out), 1)
         if t >= seconds / 4 or n >= 1 << 34:
             break
         n *= 4
     n = max(1, int(n * seconds / max(t, 1e-9)))
-    t = _best(lambda: fma_peak_kernel(threads, n, out), reps)
+    t = best_of(lambda: fma_peak_kernel(threads, n, out), reps)
     return 2.0 * CHAINS * WIDTH * n * threads / t / 1e9
 
 

@@ -288,10 +288,12 @@ def main(argv=None):
     """Median ms and GFLOP/s of both variants per BENCH shape, without and with the bnff hooks;
     --check compares both with the float64 reference instead (run it first: it compiles)."""
     import argparse
-    import statistics
-    import time
+    from functools import partial
 
-    ap = argparse.ArgumentParser(prog="python -m bnff.kernels.conv.conv_bwd_fused", description=main.__doc__)
+    from bnff.measure.measurement import interleaved, median_min_max, seconds, validate
+
+    ap = argparse.ArgumentParser(prog="python -m bnff.kernels.conv.conv_bwd_fused",
+                                 description=main.__doc__)
     ap.add_argument("shapes", nargs="*", help=f"some of {', '.join(BENCH)} (default: all)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
@@ -306,29 +308,20 @@ def main(argv=None):
         for hooks in (False, True):
             st = ConvBackward1x1(dict(mb=args.batch, ic=ic, ih=hw, iw=hw, oc=oc, kh=1, kw=1,
                                       sh=s, ph=0), hooks)
-            ins, out = st.make_inputs(np.random.default_rng(0)), st.allocate_outputs()
-            if args.check:
-                ref = st.reference(ins)
-                for v in st.variants:
-                    out = {k: np.full_like(a, np.nan) for k, a in out.items()}
-                    t0 = time.perf_counter()
-                    st.run(v, ins, out)
-                    print(f"{st.descriptor()} {v}: first call {time.perf_counter() - t0:.2f} s, "
-                          f"max rel error {st.max_rel_error(out, ref):.2e}", flush=True)
+            ins = st.make_inputs(np.random.default_rng(0))
+            if args.check:  # each variant into fresh NaN outputs
+                first = seconds(lambda: validate(st, list(st.variants), ins))
+                print(f"{st.descriptor()}: every variant within tolerance, {first:.2f} s with "
+                      "compiles", flush=True)
                 continue
-            times = {v: [] for v in st.variants}
-            for v in st.variants:  # warm-up
-                st.run(v, ins, out)
-            for _ in range(args.reps):  # interleaved, so drift hits both alike
-                for v in st.variants:
-                    t0 = time.perf_counter()
-                    st.run(v, ins, out)
-                    times[v].append(time.perf_counter() - t0)
+            out = st.allocate_outputs()
+            times = interleaved({v: partial(st.run, v, ins, out) for v in st.variants},
+                                args.reps, max_rounds=args.reps)
             for v, ts in times.items():
-                med = statistics.median(ts)
+                med, lo, _ = median_min_max(ts)
                 c = st.cost(v)
                 print(f"{st.descriptor()} {v:11s} median {med * 1e3:8.2f} ms  min "
-                      f"{min(ts) * 1e3:8.2f} ms  {c.flops / med / 1e9:6.1f} GFLOP/s  "
+                      f"{lo * 1e3:8.2f} ms  {c.flops / med / 1e9:6.1f} GFLOP/s  "
                       f"{c.bytes / med / 1e9:5.1f} GB/s (model)", flush=True)
 
 
