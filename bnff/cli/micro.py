@@ -32,7 +32,6 @@ Target checks (printed), per thread count:
 """
 from __future__ import annotations
 
-import statistics
 import sys
 from functools import partial
 
@@ -48,7 +47,7 @@ from bnff.lowering.plan import distinct_stage_calls, unstaged
 from bnff.lowering.schedules import SCHEDULES
 from bnff.measure import roofline
 from bnff.measure.machine import append_csv, llc_bytes, machine_info
-from bnff.measure.measurement import ValidationError, interleaved, validate
+from bnff.measure.measurement import ValidationError, interleaved, median_min_max, validate
 from bnff.suites import networks
 
 COLUMNS = ["network", "batch", "image", "stage", "variant", "is_default", "descriptor", "count",
@@ -144,7 +143,7 @@ def reproducer(st, variant, threads) -> str:
 
 def row_for(args, st, count, variant, threads, times, roof, errors, fp) -> dict:
     cost = st.cost(variant)
-    med = statistics.median(times)
+    med, fastest, _ = median_min_max(times)
     gbps, gflops = cost.bytes / med / 1e9, cost.flops / med / 1e9
     ridge = roof["fma_gflops"] / roof["triad_gbps"]
     bound = "compute" if cost.bytes == 0 or cost.flops / cost.bytes > ridge else "memory"
@@ -152,7 +151,7 @@ def row_for(args, st, count, variant, threads, times, roof, errors, fp) -> dict:
     return {"network": args.network or "", "batch": args.batch, "image": args.image,
             "stage": st.name, "variant": variant, "is_default": variant == st.default,
             "descriptor": st.descriptor(), "count": count, "threads": threads,
-            "median_s": med, "min_s": min(times), "reps": len(times), "bytes": cost.bytes,
+            "median_s": med, "min_s": fastest, "reps": len(times), "bytes": cost.bytes,
             "flops": cost.flops, "gbps": gbps, "gflops": gflops, "bound": bound,
             "pct_roofline": pct, "triad_gbps": roof["triad_gbps"],
             "fma_gflops": roof["fma_gflops"], "sgemm_gflops": roof["sgemm_gflops"],
