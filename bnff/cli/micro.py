@@ -220,9 +220,11 @@ def print_tables(rows: list, top: int, llc: int) -> None:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("micro", help="time every stage shape of a network's training iteration",
-                       description="Time every distinct (stage, shape) of one training iteration "
-                                   "of NET, convs included, each variant validated against the "
-                                   "float64 reference first; roofline figures are measured in "
+                       description="Time every distinct (stage, shape) the schedules' plans run in "
+                                   "one training iteration of NET (steps with no registered "
+                                   "stage, the BN-hooked convs, are counted and reported), each "
+                                   "variant validated against the float64 reference first; "
+                                   "roofline figures are measured in "
                                    "the same run. Run it with nothing else busy on the machine. "
                                    "Example: bnff micro resnet50 --batch 16 --image 224 --threads 1,2 "
                                    "--variant default --csv micro.csv. Without NET, --stage S "
