@@ -165,8 +165,10 @@ def bench_network(graph, args, bar, machine) -> tuple:
                 why = f"every speedup interval within +-{100 * args.ci_target:g}%"
                 break
             if time.perf_counter() - start >= args.budget:
-                why = (f"time budget of {args.budget:g} s reached; widest speedup interval "
-                       f"+-{100 * widest:.1f}% (target +-{100 * args.ci_target:g}%)")
+                ended = (f"time budget of {args.budget:g} s reached" if args.budget
+                         else "--repeat rounds done (no --budget)")
+                why = (f"{ended}; widest speedup interval +-{100 * widest:.1f}% "
+                       f"(target +-{100 * args.ci_target:g}%)")
                 break
         speedups.update(here)
         notes.append(f"{graph.name}, {threads} threads: {rounds} rounds, stopped: {why}")
