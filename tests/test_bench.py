@@ -9,6 +9,7 @@ from bnff.cli.args import UserError
 from bnff.cli.bench import COLUMNS, memory_guard, validate
 from bnff.cli.main import main
 from bnff.lowering.executor import Executor
+from bnff.lowering.schedules import SCHEDULES
 from bnff.suites.problem import make_batch, make_params
 from bnff.suites import networks
 
@@ -22,6 +23,8 @@ def test_bench_csv_and_report(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "vs caffe" in printed and "time by kind" in printed
+    assert "2 rounds, stopped: " in printed  # --budget 0: --repeat rounds, and it says why
+    assert "x [" in printed  # speedups with their intervals
     assert main(argv) == 0  # appending keeps a single header
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -51,7 +54,7 @@ def test_bench_csv_and_report(tmp_path, capsys):
 
 
 def test_memory_guard_refuses_before_allocating():
-    ex = [Executor(networks.load("densenet121"), "baseline", 16, 224)]
+    ex = [Executor(networks.load("densenet121"), SCHEDULES["baseline"], 16, 224)]
     with pytest.raises(UserError, match="GiB are available"):
         memory_guard(ex, available=2**30)
     assert ex[0].arrays is None
@@ -60,7 +63,7 @@ def test_memory_guard_refuses_before_allocating():
 
 def test_validation_catches_a_wrong_schedule():
     g = networks.load(EXAMPLE)
-    exs = [Executor(g, s, 2, 16) for s in ("baseline", "caffe")]
+    exs = [Executor(g, SCHEDULES[s], 2, 16) for s in ("baseline", "caffe")]
     params = make_params(g, 0)
     x, labels = make_batch(g, 2, 16, 0)
     for ex in exs:
@@ -79,3 +82,15 @@ def test_bench_argument_errors(capsys):
     with pytest.raises(SystemExit):
         main(["bench", EXAMPLE, "--threads", "999"])
     assert "thread counts must be between 1 and" in capsys.readouterr().err
+
+
+def test_bench_adds_rounds_until_the_budget_ends(capsys):
+    argv = ["bench", EXAMPLE, "--batch", "2", "--image", "16", "--threads", "1",
+            "--schedules", "caffe,baseline", "--repeat", "2", "--ci-target", "1e-9",
+            "--budget", "0.5"]
+    assert main(argv) == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if "stopped:" in line)
+    assert "time budget of 0.5 s reached" in note and int(note.split()[3]) > 2
+    with pytest.raises(SystemExit):
+        main(argv[:-2] + ["--budget", "-1"])
+

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bnff.lowering.executor import Executor
-from bnff.lowering.schedules import FLOAT32
+from bnff.lowering.schedules import FLOAT32, SCHEDULES
 from bnff.suites import networks
 from bnff.suites.flops import network_flops
 
@@ -16,7 +16,7 @@ ORDER = ["caffe", "baseline", "fission", "bnff-fwd", "bnff", "bnff+"]
 
 @pytest.fixture(scope="module")
 def plans():
-    return {net: {s: Executor(networks.load(net), s, 16, 224).plan for s in FLOAT32}
+    return {net: {s: Executor(networks.load(net), SCHEDULES[s], 16, 224).plan for s in FLOAT32}
             for net in ("densenet121", "resnet50")}
 
 

@@ -93,3 +93,23 @@ def test_channel_slices_are_views_of_one_buffer():
     assert np.all(arrays["out"] == [[2, 2, 2, 8, 8]] * 2)
     with pytest.raises(ValueError, match="no channel slice"):
         p.tensor("bad", (2, 3), slice_of=("buf", 3))
+
+
+def test_every_staged_step_costs_what_its_stage_declares():
+    """A step's StageCall names a stage, shape and variant whose declared cost is the step's:
+    what `bnff micro` times is what `bench` runs and counts."""
+    from bnff.kernels import registry
+    from bnff.lowering.dispatch import lower
+    from bnff.lowering.schedules import SCHEDULES
+    from bnff.suites import networks
+    for net in ("resnet50", "densenet121"):
+        g = networks.load(net)
+        for name, opt in SCHEDULES.items():
+            plan, _ = lower(g, 2, 32, opt)
+            staged = [s for s in plan.steps if s.stage is not None]
+            assert staged, (net, name)
+            for s in staged:
+                st = registry.make(s.stage.stage, s.stage.descriptor)
+                assert st.cost(s.stage.variant) == s.cost, (net, name, s.name)
+            if net == "densenet121" and name in ("caffe", "baseline"):
+                assert len(staged) == len(plan.steps)  # layer by layer, every step a stage

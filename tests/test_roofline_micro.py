@@ -1,36 +1,21 @@
-"""Contracts of `bnff roofline` and `bnff micro` at tiny sizes: CSV columns, one header per
-file on append, positive figures, clear errors. Speed is not tested here."""
-import argparse
+"""Contracts of `bnff roofline` and `bnff micro` at tiny sizes, through the CLI itself: CSV
+columns, one header per file on append, positive figures, clear errors. Speed is not tested
+here."""
 import csv
 
 import numpy as np
 import pytest
 
 from bnff.cli import micro, roofline
-from bnff.cli.args import UserError
+from bnff.cli.main import main as bnff  # the CLI itself: its parsing and its error handling
 from bnff.measure.machine import machine_info
+from bnff.measure.measurement import ValidationError, validate
 from bnff.kernels.bn.bn_stats import BNStats
 from bnff.suites import networks
-from bnff.suites.graph import GraphError
 
 TINY = ["--array-mib", "1", "--gemm-n", "64", "--reps", "1"]
 MACHINE = ["cpu_model", "cores", "l1d_bytes", "l2_bytes", "l3_bytes", "python", "numpy", "numba",
            "threading_layer", "git_commit", "timestamp"]
-
-
-def bnff(argv):
-    """Parse and run like bnff/cli/main.py does for these two commands: exit code, or 2 with a
-    one-line message for bad input."""
-    p = argparse.ArgumentParser(prog="bnff")
-    sub = p.add_subparsers(dest="command", required=True)
-    roofline.add_parser(sub)
-    micro.add_parser(sub)
-    args = p.parse_args(argv)
-    try:
-        return args.func(args)
-    except (UserError, GraphError) as e:
-        print(f"bnff {args.command}: error: {e}")
-        return 2
 
 
 def read(path):
@@ -64,7 +49,7 @@ def test_roofline_refuses_a_csv_with_other_columns(tmp_path, capsys):
     out = tmp_path / "other.csv"
     out.write_text("a,b\n1,2\n")
     assert bnff(["roofline", "--threads", "1", "--csv", str(out)] + TINY) == 2
-    assert "other columns" in capsys.readouterr().out
+    assert "other columns" in capsys.readouterr().err
 
 
 def test_bad_thread_count_is_a_usage_error(capsys):
@@ -74,33 +59,50 @@ def test_bad_thread_count_is_a_usage_error(capsys):
     assert "thread counts must be between 1 and" in capsys.readouterr().err
 
 
-def test_stages_of_is_deduplicated_and_counted():
+def test_stages_of_is_the_plans_steps_deduplicated_and_counted():
     g = networks.load("resnet50")
-    items = micro.stages_of(g, 2, 32)
-    keys = [(type(st), st.descriptor()) for st, _ in items]
+    plans = micro.plans_of(g, 2, 32)
+    items = micro.stages_of(g, 2, 32, plans)
+    keys = [(st.name, st.descriptor()) for st, _ in items]
     assert len(keys) == len(set(keys))
     names = {st.name for st, _ in items}
     assert {"bn_stats", "bn_normalize", "bn_backward", "relu_fwd", "relu_bwd", "add",
             "maxpool_fwd", "gap_fwd", "linear_fwd", "linear_bwd", "softmax_xent"} <= names
-    bn = sum(c for st, c in items if st.name == "bn_stats")
-    assert bn == sum(1 for n in g.nodes if n.op == "batchnorm")
-    assert {"bn_relu", "relu_mask_sums", "bn_dx", "bn_relu_dx", "bn_add_relu",
-            "bn2_add_relu"} <= names  # the fused stages beside the unfused ones
-    assert sum(c for st, c in items if st.name == "bn_relu") == bn
-    relu = sum(c for st, c in items if st.name == "relu_fwd")
-    assert relu == sum(1 for n in g.nodes if n.op == "relu")
-    fed = sum(1 for n in g.nodes if n.op == "conv2d" and micro.bn_relu_output(g, n.inputs[0]))
-    assert sum(c for st, c in items if st.name == "conv_fwd_bn_relu") == fed > 0
-    assert sum(c for st, c in items if st.name == "conv_bwd_1x1") == sum(
-        1 for n in g.nodes if n.op == "conv2d" and n["kernel"] == 1)  # the fused convs too
+    assert {"bn_scale", "bn_scale_bwd"} <= names  # caffe's Scale layers, as caffe runs them
+    assert {"bn_relu", "relu_mask_sums", "bn_add_relu", "bn2_add_relu"} <= names  # fission's
+    bn = sum(1 for n in g.nodes if n.op == "batchnorm")
+    assert sum(c for st, c in items if st.name == "bn_backward") == bn
+    staged = {(s.stage.stage, s.stage.descriptor) for p in plans.values() for s in p.steps
+              if s.stage is not None}
+    assert staged == set(keys)  # every staged step of every plan, nothing else
+    assert "bnff: " in micro.untimed(plans)  # the hooked convs, said so
 
 
-def test_stages_of_densenet_concats():
+def test_stages_of_densenet_concats_are_what_the_schedules_run():
     g = networks.load("densenet121")
-    items = micro.stages_of(g, 2, 32)
-    cats = [st for st, _ in items if st.name == "concat_fwd"]
-    assert len(cats) == sum(1 for n in g.nodes if n.op == "concat")  # every one distinct
-    assert max(len(st.shape["ics"]) for st in cats) == 1 + 24  # block 3: input + 24 layers
+    plans = micro.plans_of(g, 2, 32)
+    items = micro.stages_of(g, 2, 32, plans)
+    names = {st.name for st, _ in items}
+    assert "concat_fwd" not in names and "concat_copy_into" in names  # copy_into, as run
+    copies = [s for s in plans["baseline"].steps if s.kind == "concat" and s.phase == "forward"]
+    assert sum(c for st, c in items if st.name == "concat_copy_into") == len(copies)
+    assert all(s.stage.variant == "prange" for s in copies)
+
+
+def test_standalone_descriptor_reproduces_a_row(tmp_path, capsys):
+    out = tmp_path / "micro.csv"
+    argv = ["micro", "--stage", "bn_normalize", "--descriptor", "mb2ic8ih4iw4eps0.001",
+            "--threads", "1", "--reps", "1", "--min-time", "0", "--csv", str(out)] + TINY
+    assert bnff(argv) == 0
+    rows = [dict(zip(read(out)[0], r)) for r in read(out)[1:]]
+    assert {r["variant"] for r in rows} == {"naive", "affine"}
+    assert all(r["descriptor"] == "mb2ic8ih4iw4eps0.001" and r["network"] == "" for r in rows)
+    assert rows[0]["reproducer"].startswith("bnff micro --stage bn_normalize --descriptor "
+                                            "mb2ic8ih4iw4eps0.001 --variant ")
+    assert bnff(["micro", "--stage", "bn_normalize"] + TINY) == 2
+    assert "--descriptor" in capsys.readouterr().err
+    assert bnff(["micro", "--stage", "bn_normalize", "--descriptor", "mb2x"] + TINY) == 2
+    assert "cannot parse descriptor" in capsys.readouterr().err
 
 
 def test_micro_csv_rows_and_single_header(tmp_path, capsys):
@@ -121,7 +123,7 @@ def test_micro_csv_rows_and_single_header(tmp_path, capsys):
     for r in data:
         assert float(r["median_s"]) > 0 and float(r["gbps"]) > 0 and float(r["bytes"]) > 0
         assert float(r["pct_roofline"]) > 0 and r["bound"] in ("memory", "compute")
-        assert r["reproducer"].startswith("bnff micro resnet50")
+        assert r["reproducer"].startswith("bnff micro --stage bn_stats")
         assert r["descriptor"] in r["reproducer"]
     assert "bn_stats" in capsys.readouterr().out
 
@@ -129,17 +131,17 @@ def test_micro_csv_rows_and_single_header(tmp_path, capsys):
 def test_micro_unknown_stage_and_variant_are_clear(capsys):
     base = ["micro", "resnet50", "--batch", "2", "--image", "32", "--threads", "1"] + TINY
     assert bnff(base + ["--stage", "nope"]) == 2
-    assert "unknown stage 'nope'" in capsys.readouterr().out
+    assert "unknown stage 'nope'" in capsys.readouterr().err
     assert bnff(base + ["--stage", "bn_stats", "--variant", "nope"]) == 2
-    assert "has no variant 'nope'" in capsys.readouterr().out
+    assert "has no variant 'nope'" in capsys.readouterr().err
     assert bnff(["micro", "nosuchnet"] + TINY) == 2
-    assert "unknown network" in capsys.readouterr().out
+    assert "unknown network" in capsys.readouterr().err
 
 
 def test_micro_refuses_single_value_batch_norm(capsys):
     argv = ["micro", "resnet50", "--batch", "1", "--image", "32", "--threads", "1"] + TINY
     assert bnff(argv) == 2
-    assert "more than one value per channel" in capsys.readouterr().out
+    assert "more than one value per channel" in capsys.readouterr().err
 
 
 def test_validation_failure_is_a_clear_error(monkeypatch, capsys):
@@ -152,10 +154,9 @@ def test_validation_failure_is_a_clear_error(monkeypatch, capsys):
     assert bnff(argv) == 1
     err = capsys.readouterr().err
     assert "validation failed: bn_stats variant broken" in err and "tolerance" in err
-    with pytest.raises(micro.ValidationError):
+    with pytest.raises(ValidationError):
         st = BNStats(dict(mb=1, ic=8, ih=4, iw=4))
-        ins = st.make_inputs(np.random.default_rng(0))
-        micro.validate(st, ["broken"], ins, st.allocate_outputs())
+        validate(st, ["broken"], st.make_inputs(np.random.default_rng(0)))
 
 
 def test_memory_target_is_byte_weighted_over_big_default_memory_rows():

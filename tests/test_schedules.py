@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 
-from bnff.cli.check import max_rel_grad_diff
+from bnff.measure.measurement import max_rel_grad_diff
 from bnff.lowering.executor import Executor, train_step
 from bnff.suites.problem import make_batch, make_params
 from bnff.lowering.reference_step import train_step as reference_step
-from bnff.lowering.schedules import FLOAT32
+from bnff.lowering.schedules import FLOAT32, SCHEDULES
 from bnff.suites import networks
 from bnff.suites.densenet import densenet
 from bnff.suites.resnet import resnet
@@ -32,7 +32,7 @@ def problem(request):
 @pytest.mark.parametrize("schedule", FLOAT32)
 def test_schedule_matches_reference(problem, schedule):
     g, params, x, labels, (ref_loss, ref_grads) = problem
-    loss, grads = train_step(g, params, x, labels, schedule)
+    loss, grads = train_step(g, params, x, labels, SCHEDULES[schedule])
     assert abs(loss - ref_loss) / ref_loss < 1e-6
     diff, where = max_rel_grad_diff(grads, ref_grads)
     assert diff < TOL, (schedule, where, diff)
@@ -41,7 +41,7 @@ def test_schedule_matches_reference(problem, schedule):
 
 def test_repeated_iterations_give_the_same_result():
     g = MINI["densenet-mini"]()
-    ex = Executor(g, "baseline", 2, 32)
+    ex = Executor(g, SCHEDULES["baseline"], 2, 32)
     ex.load(make_params(g, 0), *make_batch(g, 2, 32, 0))
     ex.run()
     first = ex.loss(), ex.grads()
@@ -53,7 +53,7 @@ def test_repeated_iterations_give_the_same_result():
 
 def test_caffe_moves_more_bytes_than_baseline():
     g = networks.load("densenet121")
-    plans = {s: Executor(g, s, 16, 224).plan for s in ("caffe", "baseline")}
+    plans = {s: Executor(g, SCHEDULES[s], 16, 224).plan for s in ("caffe", "baseline")}
     bn = {s: sum(st.cost.bytes for st in p.steps if st.kind == "bn") for s, p in plans.items()}
     assert bn["caffe"] > bn["baseline"]
     assert plans["caffe"].peak_bytes() > plans["baseline"].peak_bytes()

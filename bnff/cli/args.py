@@ -4,9 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, never as a traceback."""
+from bnff.errors import UserError  # noqa: F401  (the commands' one error type, re-exported)
 
 
 def positive_int(text: str) -> int:
@@ -52,8 +50,9 @@ def thread_list(text: str) -> list:
     return sorted(out)
 
 
-def add_network_args(p: argparse.ArgumentParser, batch: int = 16, image: int = 224) -> None:
-    p.add_argument("network", metavar="NET",
+def add_network_args(p: argparse.ArgumentParser, batch: int = 16, image: int = 224,
+                     optional: bool = False) -> None:
+    p.add_argument("network", metavar="NET", nargs="?" if optional else None,
                    help="built-in network (see `bnff networks`) or path to a .json graph")
     p.add_argument("--batch", type=positive_int, default=batch, help=f"mini-batch (default {batch})")
     p.add_argument("--image", type=positive_int, default=image,

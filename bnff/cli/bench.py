@@ -1,25 +1,26 @@
 """`bnff bench`: whole training iterations of networks under several schedules, per thread
 count. Every schedule is allocated once and checked against `baseline` (loss and gradients)
 before it is timed; a warm-up iteration compiles, and its excess over the median is reported
-as compile time; repeats interleave the schedules so machine drift hits them alike."""
+as compile time; rounds interleave the schedules so machine drift hits them alike, and each
+speedup is taken from the per-round paired ratios with a 95 % interval
+(bnff/measure/measurement.py). After --repeat rounds, rounds are added until every speedup's
+interval is within +-(--ci-target) or --budget seconds have passed, and the run says which."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
-from collections import defaultdict
 
 import numba
 import psutil
-from tabulate import tabulate
 from tqdm import tqdm
 
 from bnff.cli.args import UserError, positive_int, thread_list
-from bnff.cli.check import max_rel_grad_diff
 from bnff.lowering.executor import Executor
 from bnff.measure.machine import append_csv, machine_info
+from bnff.measure.measurement import (max_rel_grad_diff, median_min_max, paired_speedup,
+                                      summary_tables)
 from bnff.suites.problem import make_batch, make_params
-from bnff.lowering.schedules import FLOAT32, GRAD_TOLERANCE
+from bnff.lowering.schedules import FLOAT32, GRAD_TOLERANCE, SCHEDULES
 from bnff.suites import networks
 
 COLUMNS = ["network", "schedule", "batch", "image", "threads", "stage", "kind", "phase",
@@ -40,23 +41,51 @@ def add_parser(sub) -> None:
     p.add_argument("--image", type=positive_int, default=224, help="image size (default 224)")
     p.add_argument("--threads", type=thread_list, default=thread_list("all"),
                    help="thread counts, e.g. 1,2 or 1-4 or all (default: 1 to all cores)")
-    p.add_argument("--schedules", type=_schedule_list, default=list(FLOAT32),
+    p.add_argument("--schedules", type=_schedule_list, default=list(SCHEDULES.values()),
                    help=f"comma-separated schedules (default: {','.join(FLOAT32)})")
     p.add_argument("--repeat", type=positive_int, default=5,
-                   help="timed iterations per schedule and thread count (default 5)")
+                   help="timed rounds (one iteration of every schedule each) per thread count, "
+                        "at least (default 5)")
+    p.add_argument("--ci-target", type=_fraction, default=0.03,
+                   help="add rounds until every speedup's 95%% interval is within +- this "
+                        "fraction (default 0.03), unless --budget ends first")
+    p.add_argument("--budget", type=_seconds, default=0.0,
+                   help="seconds of rounds per network and thread count after which no more "
+                        "are added (default 0: exactly --repeat rounds)")
     p.add_argument("--seed", type=int, default=0, help="seed of parameters and batch")
     p.add_argument("--csv", metavar="FILE", help="append rows to this CSV file")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots here (needs matplotlib)")
     p.set_defaults(func=run)
 
 
+def _fraction(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return v
+
+
+def _seconds(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return v
+
+
 def _schedule_list(text):
+    """'caffe,bnff' -> [Schedule, ...]: names are resolved here, at the edge, once."""
     names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in FLOAT32]
+    bad = [s for s in names if s not in SCHEDULES]
     if bad or not names:
         raise argparse.ArgumentTypeError(
             f"unknown schedule(s) {', '.join(bad) or text!r}; known: {', '.join(FLOAT32)}")
-    return names
+    return [SCHEDULES[s] for s in names]
 
 
 def memory_guard(executors, available=None) -> int:
@@ -64,7 +93,8 @@ def memory_guard(executors, available=None) -> int:
     need = sum(ex.peak_bytes() for ex in executors)
     available = psutil.virtual_memory().available if available is None else available
     if need > 0.9 * available:
-        detail = ", ".join(f"{ex.schedule} {ex.peak_bytes() / 2**30:.2f}" for ex in executors)
+        detail = ", ".join(f"{ex.schedule.name} {ex.peak_bytes() / 2**30:.2f}"
+                           for ex in executors)
         raise UserError(
             f"{executors[0].graph.name} at batch {executors[0].batch}, image "
             f"{executors[0].image} needs {need / 2**30:.1f} GiB for its schedules ({detail} GiB)"
@@ -75,127 +105,121 @@ def memory_guard(executors, available=None) -> int:
 
 def validate(executors, reference="baseline") -> dict:
     """Loss and largest relative gradient difference of each schedule against `reference`."""
-    ref = next((ex for ex in executors if ex.schedule == reference), executors[0])
+    ref = next((ex for ex in executors if ex.schedule.name == reference), executors[0])
     ref_loss, ref_grads = ref.loss(), ref.grads()
     out = {}
     for ex in executors:
         diff, where = max_rel_grad_diff(ex.grads(), ref_grads)
         loss_diff = abs(ex.loss() - ref_loss) / abs(ref_loss)
         if diff > GRAD_TOLERANCE or loss_diff > GRAD_TOLERANCE:
-            raise UserError(f"{ex.schedule} disagrees with {ref.schedule} on {ex.graph.name}: "
+            raise UserError(f"{ex.schedule.name} disagrees with {ref.schedule.name} on "
+                            f"{ex.graph.name}: "
                             f"loss {ex.loss():.6f} vs {ref_loss:.6f}, gradient of {where} off by "
                             f"{diff:.1e} (tolerance {GRAD_TOLERANCE:.0e}); not timing it")
-        out[ex.schedule] = diff
+        out[ex.schedule.name] = diff
     return out
 
 
-def bench_network(graph, args, bar, machine) -> list:
+def speedups_of(network, threads, iter_times) -> dict:
+    """{(network, threads, schedule, ref): Speedup} over `caffe` and `baseline` when run."""
+    return {(network, threads, s, ref): paired_speedup(iter_times[ref], ts)
+            for ref in ("caffe", "baseline") if ref in iter_times
+            for s, ts in iter_times.items() if s != ref}
+
+
+def bench_network(graph, args, bar, machine) -> tuple:
+    """(rows, speedups, one line per thread count saying why its rounds stopped)."""
     executors = [Executor(graph, s, args.batch, args.image) for s in args.schedules]
     memory_guard(executors)
     params = make_params(graph, args.seed)
     x, labels = make_batch(graph, args.batch, args.image, args.seed)
     for ex in executors:
         ex.load(params, x, labels)
-    rows = []
+    rows, speedups, notes = [], {}, []
     for threads in args.threads:
         numba.set_num_threads(threads)
         warm = {}
         for ex in executors:
             t = time.perf_counter()
             ex.run()
-            warm[ex.schedule] = time.perf_counter() - t
+            warm[ex.schedule.name] = time.perf_counter() - t
             bar.update(1)
         validate(executors)
-        step_times = {ex.schedule: [] for ex in executors}
-        iter_times = defaultdict(list)
-        for _ in range(args.repeat):
+        step_times = {ex.schedule.name: [] for ex in executors}
+        iter_times = {ex.schedule.name: [] for ex in executors}
+        start, rounds = time.perf_counter(), 0
+        while True:
             for ex in executors:
                 times = []
                 t = time.perf_counter()
                 ex.run(times)
-                iter_times[ex.schedule].append(time.perf_counter() - t)
-                step_times[ex.schedule].append(times)
+                iter_times[ex.schedule.name].append(time.perf_counter() - t)
+                step_times[ex.schedule.name].append(times)
                 bar.update(1)
+            rounds += 1
+            if rounds < args.repeat:
+                continue
+            here = speedups_of(graph.name, threads, iter_times)
+            widest = max((sp.half_width for sp in here.values()), default=0.0)
+            if widest <= args.ci_target:
+                why = f"every speedup interval within +-{100 * args.ci_target:g}%"
+                break
+            if time.perf_counter() - start >= args.budget:
+                ended = (f"time budget of {args.budget:g} s reached" if args.budget
+                         else "--repeat rounds done (no --budget)")
+                why = (f"{ended}; widest speedup interval +-{100 * widest:.1f}% "
+                       f"(target +-{100 * args.ci_target:g}%)")
+                break
+        speedups.update(here)
+        notes.append(f"{graph.name}, {threads} threads: {rounds} rounds, stopped: {why}")
         for ex in executors:
-            rows += _rows(ex, threads, step_times[ex.schedule], iter_times[ex.schedule],
-                          warm[ex.schedule], machine)
+            name = ex.schedule.name
+            rows += _rows(ex, threads, step_times[name], iter_times[name], warm[name], machine)
     for ex in executors:
         ex.release()
-    return rows
+    return rows, speedups, notes
 
 
 def _rows(ex, threads, step_times, iter_times, warm, machine) -> list:
-    base = {"network": ex.graph.name, "schedule": ex.schedule, "batch": ex.batch,
+    base = {"network": ex.graph.name, "schedule": ex.schedule.name, "batch": ex.batch,
             "image": ex.image, "threads": threads, "repeats": len(iter_times), **machine}
     rows = []
     for i, s in enumerate(ex.plan.steps):
-        ts = [rep[i] for rep in step_times]
+        med, lo, hi = median_min_max([rep[i] for rep in step_times])
         rows.append({**base, "stage": s.name, "kind": s.kind, "phase": s.phase,
-                     "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+                     "median_s": med, "min_s": lo, "max_s": hi,
                      "bytes": s.cost.bytes, "flops": s.cost.flops, "peak_mem_bytes": "",
                      "compile_s": ""})
     cost = ex.plan.cost()
-    median = statistics.median(iter_times)
+    median, lo, hi = median_min_max(iter_times)
     rows.append({**base, "stage": "iteration", "kind": "all", "phase": "all",
-                 "median_s": median, "min_s": min(iter_times), "max_s": max(iter_times),
+                 "median_s": median, "min_s": lo, "max_s": hi,
                  "bytes": cost.bytes, "flops": cost.flops, "peak_mem_bytes": ex.peak_bytes(),
                  "compile_s": max(warm - median, 0.0)})
     return rows
-
-
-def summary_tables(rows) -> str:
-    """One table per network (seconds, images/s, speedups, bytes, peak memory) and the time
-    breakdown by kind per schedule."""
-    out = []
-    iters = [r for r in rows if r["stage"] == "iteration"]
-    for net in dict.fromkeys(r["network"] for r in iters):
-        table = []
-        for r in (r for r in iters if r["network"] == net):
-            same = {q["schedule"]: q["median_s"] for q in iters
-                    if q["network"] == net and q["threads"] == r["threads"]}
-            speed = lambda ref: f"{same[ref] / r['median_s']:.3f}x" if ref in same else "-"
-            table.append([r["schedule"], r["threads"], f"{r['median_s']:.3f}",
-                          f"{r['batch'] / r['median_s']:.1f}", speed("caffe"), speed("baseline"),
-                          f"{r['bytes'] / 1e9:.2f}", f"{r['peak_mem_bytes'] / 2**30:.2f}",
-                          f"{r['compile_s']:.1f}"])
-        out.append(f"{net}, batch {iters[0]['batch']}, image {iters[0]['image']}\n" + tabulate(
-            table, headers=["schedule", "threads", "s/iter", "images/s", "vs caffe",
-                            "vs baseline", "GB moved", "peak GiB", "compile s"],
-            disable_numparse=True))
-        kinds = ["conv", "bn", "relu", "concat", "pool", "other"]
-        breakdown = []
-        for r in (r for r in iters if r["network"] == net):
-            per = defaultdict(float)
-            for q in rows:
-                if (q["network"], q["schedule"], q["threads"]) == (net, r["schedule"],
-                                                                   r["threads"]) \
-                        and q["stage"] != "iteration":
-                    per[q["kind"]] += q["median_s"]
-            total = sum(per.values()) or 1.0
-            breakdown.append([r["schedule"], r["threads"]] +
-                             [f"{per[k]:.3f} ({100 * per[k] / total:.0f}%)" for k in kinds])
-        out.append("time by kind, seconds (share)\n" + tabulate(
-            breakdown, headers=["schedule", "threads"] + kinds, disable_numparse=True))
-    return "\n\n".join(out)
 
 
 def run(args) -> int:
     graphs = [networks.load(n) for n in args.networks]
     machine = machine_info()
     total = len(graphs) * len(args.threads) * len(args.schedules) * (args.repeat + 1)
-    rows = []
+    rows, speedups, notes = [], {}, []
     with tqdm(total=total, desc="bench", unit="iter", leave=False) as bar:
         for g in graphs:
             bar.set_postfix_str(g.name)
-            rows += bench_network(g, args, bar, machine)
+            r, sp, n = bench_network(g, args, bar, machine)
+            rows, notes = rows + r, notes + n
+            speedups.update(sp)
     columns = COLUMNS + [k for k in machine if k not in COLUMNS]
     if args.csv:
         append_csv(args.csv, rows, columns)
-    print(summary_tables(rows))
+    print("\n".join(notes))
+    print("speedups: geometric mean of per-round paired ratios [95% bootstrap interval]\n")
+    print(summary_tables(rows, speedups))
     if args.csv:
         print(f"\nwrote {len(rows)} rows to {args.csv}")
     if args.plot:
         from bnff.measure.plots import plot_bench
-        for path in plot_bench(rows, args.plot):
+        for path in plot_bench(rows, args.plot, speedups=speedups):
             print(f"wrote {path}")
     return 0

@@ -9,8 +9,10 @@ from tabulate import tabulate
 
 from bnff.cli.args import UserError, add_network_args, nonneg_int
 from bnff.suites.problem import make_batch, make_params
+from bnff.lowering.executor import train_step
 from bnff.lowering.reference_step import train_step as reference_step
-from bnff.lowering.schedules import SCHEDULES
+from bnff.lowering.schedules import FLOAT32, SCHEDULES
+from bnff.measure.measurement import max_rel_grad_diff
 from bnff.suites import networks
 
 
@@ -23,25 +25,12 @@ def add_parser(sub) -> None:
                     "against the float64 reference. Example: "
                     "bnff check densenet121 --batch 2 --image 64")
     add_network_args(p, batch=2, image=64)
-    p.add_argument("--schedule", default="reference", choices=sorted(SCHEDULES),
+    p.add_argument("--schedule", default="reference", choices=["reference"] + FLOAT32,
                    help="schedule to run (default reference)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed (default 0)")
     p.add_argument("--dump", metavar="FILE.npz",
                    help="write input, labels, loss, param:<name> and grad:<name> to an .npz")
     p.set_defaults(func=run)
-
-
-def max_rel_grad_diff(grads: dict, ref: dict) -> tuple:
-    """(largest ||g - ref|| / ||ref|| over parameters, the parameter where it occurs). Norms
-    rather than elementwise maxima: a ReLU mask or a max-pool choice that flips on a float32
-    rounding moves single elements a lot and the whole gradient very little."""
-    worst, where = 0.0, ""
-    for k, r in ref.items():
-        d = float(np.linalg.norm(np.asarray(grads[k], np.float64) - r))
-        d /= max(float(np.linalg.norm(r)), 1e-30)
-        if d >= worst:
-            worst, where = d, k
-    return worst, where
 
 
 def run(args) -> int:
@@ -51,7 +40,10 @@ def run(args) -> int:
     params = make_params(graph, args.seed)
     x, labels = make_batch(graph, args.batch, args.image, args.seed)
     t = time.perf_counter()
-    loss, grads = SCHEDULES[args.schedule](graph, params, x, labels)
+    if args.schedule == "reference":
+        loss, grads = reference_step(graph, params, x, labels)
+    else:
+        loss, grads = train_step(graph, params, x, labels, SCHEDULES[args.schedule])
     seconds = time.perf_counter() - t
     row = [graph.name, args.schedule, args.batch, args.image, args.seed, f"{loss:.6f}",
            f"{seconds:.3f}"]

@@ -1,26 +1,24 @@
 """`bnff micro`: every distinct (stage, shape) of one training iteration of a network, timed.
 
-stages_of(graph, batch, image) -> [(Stage, count)] is the one list of what a training
-iteration runs in a framework's layer-by-layer order (forward, loss, backward, the gradient
-sums where a tensor feeds several nodes), deduplicated by (stage, descriptor); count is how
-often the shape occurs. Conv stages come from kernels/conv_*.py when those modules exist.
+stages_of(graph, batch, image) -> [(Stage, count)] lowers the graph under every float32
+schedule and keeps the steps that run a registered stage (bnff/lowering/plan.py StageCall,
+bnff/kernels/registry.py), deduplicated by (stage, descriptor): the kernels `bench` runs, at
+the shapes it runs them, with the cost it counts; count is the most times one schedule's plan
+runs the shape. Steps that compose kernels (convs with BN hooks, the per-channel coefficient
+merges) run no registered stage and are reported, not timed. `--stage S --descriptor D`
+without NET times that one stage alone: a descriptor parses back into its stage.
 
-For each stage: inputs are made once, every selected variant is run and checked against the
-float64 reference (ValidationError if one misses the stage's tolerance), then per thread
+For each stage: inputs are made once, every selected variant is run into fresh NaN-filled
+outputs and checked against the float64 reference (bnff/measure/measurement.py;
+ValidationError if one misses the stage's tolerance), then per thread
 count each variant is warmed up and the variants are timed interleaved, round after round,
-so drift hits them alike. The roofline (bnff/cli/roofline.py) is measured in the same run at
+so drift hits them alike. The roofline (bnff/measure/roofline.py) is measured in the same run at
 each thread count, at its start and at its end, keeping the better of the two per figure
 (STREAM's best-of rule: a neighbour during one measurement must not inflate the percentages).
 pct_roofline is GB/s over triad for a memory-bound row and GFLOP/s over the FMA peak for a
 compute-bound one (bound: flops/bytes against the ridge fma/triad).
 
 pct_sgemm (conv rows only) is GFLOP/s over numpy sgemm's at the same thread count.
-
-The bnff forms of a BN site's convs are stages of their own, each with a `separate` variant
-(the passes fission runs) beside the `fused` one, so bytes and time of both sit side by side:
-conv_fwd_bn_relu and conv_bwd_data_relu_sums (bnff/kernels/conv/conv_fused.py) for every conv fed by
-BN -> ReLU, and conv_bwd_1x1 with the BN gradient formed in its prologue (two_kernels vs
-one_pass, bnff/kernels/conv/conv_bwd_fused.py) for every 1x1 conv.
 
 Target checks (printed), per thread count:
 - memory: the byte-weighted mean pct_roofline of the default variants of memory-bound stages
@@ -34,11 +32,7 @@ Target checks (printed), per thread count:
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import statistics
 import sys
-import time
 from functools import partial
 
 import numba
@@ -46,28 +40,15 @@ import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
-from bnff.cli import roofline
 from bnff.cli.args import UserError, add_network_args, nonneg_int, positive_int, thread_list
+from bnff.kernels import registry
+from bnff.lowering.dispatch import lower
+from bnff.lowering.plan import distinct_stage_calls, unstaged
+from bnff.lowering.schedules import SCHEDULES
+from bnff.measure import roofline
 from bnff.measure.machine import append_csv, llc_bytes, machine_info
-from bnff.kernels.elementwise.add import Add
-from bnff.kernels.bn.bn_backward import BNBackward
-from bnff.kernels.bn.bn_normalize import BNNormalize
-from bnff.kernels.bn.bn_fused import BN2AddReLU, BNAddReLU, BNDx, BNReLU, BNReLUDx, ReLUMaskSums
-from bnff.kernels.bn.bn_stats import BNStats
-from bnff.kernels.elementwise.concat import ConcatBackward, ConcatForward
-from bnff.kernels.conv.conv_bwd_fused import ConvBackward1x1
-from bnff.kernels.conv.conv_fused import ConvBwdDataReLUSums, ConvFwdBNReLU
-from bnff.kernels.linear import LinearBackward, LinearForward
-from bnff.kernels.loss import SoftmaxCrossEntropy
-from bnff.kernels.pool import (AvgPoolBackward, AvgPoolForward, GlobalAvgPoolBackward,
-                          GlobalAvgPoolForward, MaxPoolBackward, MaxPoolForward)
-from bnff.kernels.elementwise.relu import ReLUBackward, ReLUForward
+from bnff.measure.measurement import ValidationError, interleaved, median_min_max, validate
 from bnff.suites import networks
-from bnff.suites.graph import INPUT
-
-CONV_STAGES = {"fwd": ("bnff.kernels.conv.conv_fwd", "ConvForward"),
-               "bwd_data": ("bnff.kernels.conv.conv_bwd_data", "ConvBackwardData"),
-               "bwd_weights": ("bnff.kernels.conv.conv_bwd_weights", "ConvBackwardWeights")}
 
 COLUMNS = ["network", "batch", "image", "stage", "variant", "is_default", "descriptor", "count",
            "threads", "median_s", "min_s", "reps", "bytes", "flops", "gbps", "gflops", "bound",
@@ -76,138 +57,51 @@ COLUMNS = ["network", "batch", "image", "stage", "variant", "is_default", "descr
 CONV_DIRECTIONS = ["conv_fwd", "conv_bwd_data", "conv_bwd_weights"]
 
 
-class ValidationError(Exception):
-    """A variant's output differs from the float64 reference by more than its tolerance."""
-
-
-def conv_classes() -> dict:
-    """{'fwd' | 'bwd_data' | 'bwd_weights': Stage class} for the conv modules present."""
-    out = {}
-    for key, (mod, cls) in CONV_STAGES.items():
-        if importlib.util.find_spec(mod) is not None:
-            out[key] = getattr(importlib.import_module(mod), cls)
-    return out
-
-
-HOOKED_1X1 = partial(ConvBackward1x1, hooks=True)  # bnff+'s one-pass form, gradient formed
-
-
-def bn_relu_output(graph, name) -> bool:
-    p = graph.by_name.get(name)
-    return p is not None and p.op == "relu" and p.inputs[0] in graph.by_name and \
-        graph.by_name[p.inputs[0]].op == "batchnorm"
-
-
-def stages_of(graph, batch: int, image: int) -> list:
-    """[(Stage, count)] of one training iteration, in first-use order, deduplicated."""
+def check_batch_norm(graph, batch: int, image: int) -> None:
+    """UserError when a BN sees one value per channel (training-mode BN is undefined)."""
     shapes = graph.infer_shapes(batch, image)
-    conv = conv_classes()
-    found = {}
-
-    def add(cls, shape):
-        st = cls(shape)
-        key = (cls, st.descriptor())
-        if key in found:
-            found[key][1] += 1
-        else:
-            found[key] = [st, 1]
-
-    def act(name):
-        n, c, h, w = shapes[name]
-        return dict(mb=n, ic=c, ih=h, iw=w)
-
     for node in graph.nodes:
         x = node.inputs[0]
-        if node.op == "conv2d":
-            s = act(x)
-            shape = dict(mb=s["mb"], ic=s["ic"], ih=s["ih"], iw=s["iw"], oc=node["out_channels"],
-                         kh=node["kernel"], kw=node["kernel"], sh=node["stride"],
-                         ph=node["padding"])
-            for key, cls in conv.items():
-                if key != "bwd_data" or x != INPUT:  # no gradient for the network input
-                    add(cls, shape)
-            if bn_relu_output(graph, x):  # bnff's forms of the convs of a BN site
-                add(ConvFwdBNReLU, shape)
-                add(ConvBwdDataReLUSums, shape)
-            if node["kernel"] == 1 and node["padding"] == 0 and x != INPUT:
-                add(HOOKED_1X1, shape)
-        elif node.op == "batchnorm":
-            if shapes[x][0] * shapes[x][2] * shapes[x][3] == 1:
-                raise UserError(f"node {node.name}: training-mode batch norm needs more than one "
-                                f"value per channel, got {shapes[x]}; use a larger --batch "
-                                "or --image")
-            for cls in (BNStats, BNNormalize, BNBackward,  # unfused, then the split schedules'
-                        BNReLU, ReLUMaskSums, BNDx, BNReLUDx):
-                add(cls, act(x))
-        elif node.op == "relu":
-            add(ReLUForward, act(x))
-            add(ReLUBackward, act(x))
-        elif node.op == "maxpool2d":
-            shape = dict(act(x), kh=node["kernel"], sh=node["stride"], ph=node["padding"])
-            add(MaxPoolForward, shape)
-            add(MaxPoolBackward, shape)
-        elif node.op == "avgpool2d":
-            shape = dict(act(x), kh=node["kernel"], sh=node["stride"])
-            add(AvgPoolForward, shape)
-            add(AvgPoolBackward, shape)
-        elif node.op == "global_avgpool":
-            add(GlobalAvgPoolForward, act(x))
-            add(GlobalAvgPoolBackward, act(x))
-        elif node.op == "concat":
-            n, _, h, w = shapes[node.name]
-            shape = dict(mb=n, ics=tuple(shapes[i][1] for i in node.inputs), ih=h, iw=w)
-            add(ConcatForward, shape)
-            add(ConcatBackward, shape)
-        elif node.op == "add":
-            add(Add, act(x))
-            bns = sum(graph.by_name[i].op == "batchnorm" for i in node.inputs if i != INPUT)
-            if bns:  # a ResNet block end, written once by the split schedules
-                add(BN2AddReLU if bns == 2 else BNAddReLU, act(x))
-        elif node.op == "linear":
-            shape = dict(mb=shapes[x][0], ic=shapes[x][1], oc=node["out_features"])
-            add(LinearForward, shape)
-            add(LinearBackward, shape)
-    add(SoftmaxCrossEntropy, dict(mb=batch, oc=shapes[graph.output][1]))
-    for name, users in graph.consumers().items():  # gradient sums at forks
-        if name != INPUT and len(users) > 1 and len(shapes[name]) == 4:
-            for _ in range(len(users) - 1):
-                add(Add, act(name))
+        if node.op == "batchnorm" and shapes[x][0] * shapes[x][2] * shapes[x][3] == 1:
+            raise UserError(f"node {node.name}: training-mode batch norm needs more than one "
+                            f"value per channel, got {shapes[x]}; use a larger --batch "
+                            "or --image")
+
+
+def plans_of(graph, batch: int, image: int) -> dict:
+    """{schedule: Plan} of every float32 schedule."""
+    check_batch_norm(graph, batch, image)
+    return {name: lower(graph, batch, image, s)[0] for name, s in SCHEDULES.items()}
+
+
+def stages_of(graph, batch: int, image: int, plans=None) -> list:
+    """[(Stage, count)] of the lowered plans' steps, in first-use order, deduplicated."""
+    plans = plans if plans is not None else plans_of(graph, batch, image)
+    found = {}
+    for call, count in distinct_stage_calls(plans.values()):
+        key = (call.stage, call.descriptor)
+        if key in found:
+            found[key][1] = max(found[key][1], count)
+        else:
+            found[key] = [registry.make(*key), count]
     return [(st, count) for st, count in found.values()]
+
+
+def untimed(plans) -> str:
+    """One line per schedule: the plan steps that run no registered stage, and their bytes."""
+    lines = []
+    for name, plan in plans.items():
+        steps = unstaged(plan)
+        if steps:
+            b = sum(s.cost.bytes for s in steps)
+            lines.append(f"{name}: {len(steps)} of {len(plan.steps)} steps "
+                         f"({100 * b / max(plan.cost().bytes, 1):.0f}% of its bytes) run no "
+                         "registered stage (hooked convs, coefficient merges): not timed")
+    return "\n".join(lines)
 
 
 def footprint(arrays: dict) -> int:
     return sum(a.nbytes for a in arrays.values())
-
-
-def validate(stage, variants, inputs, outputs) -> dict:
-    """{variant: max relative error}; raises ValidationError on the first one out of tolerance."""
-    ref = stage.reference(inputs)
-    errors = {}
-    for v in variants:
-        stage.run(v, inputs, outputs)
-        errors[v] = stage.max_rel_error(outputs, ref)
-        if not errors[v] <= stage.tolerance:
-            raise ValidationError(f"{stage.name} variant {v} at {stage.descriptor()}: max relative "
-                                  f"error {errors[v]:.3g} > tolerance {stage.tolerance:.3g}")
-    return errors
-
-
-def time_variants(stage, variants, inputs, outputs, reps: int, min_time: float) -> dict:
-    """{variant: [seconds per call]}: one warm-up call each, then interleaved rounds, at least
-    `reps` and until each variant has run `min_time` seconds (at most 50 * reps rounds)."""
-    t_one = {}
-    for v in variants:
-        t0 = time.perf_counter()
-        stage.run(v, inputs, outputs)
-        t_one[v] = time.perf_counter() - t0
-    rounds = int(min(50 * reps, max(reps, min_time / max(min(t_one.values()), 1e-7))))
-    times = {v: [] for v in variants}
-    for _ in range(rounds):
-        for v in variants:
-            t0 = time.perf_counter()
-            stage.run(v, inputs, outputs)
-            times[v].append(time.perf_counter() - t0)
-    return times
 
 
 def select(items: list, stage: str | None, variant: str | None, descriptor: str | None) -> list:
@@ -241,29 +135,29 @@ def select(items: list, stage: str | None, variant: str | None, descriptor: str 
     return out
 
 
-def reproducer(args, st, variant, threads) -> str:
-    return (f"bnff micro {args.network} --batch {args.batch} "
-            f"--image {args.image} --threads {threads} --stage {st.name} --variant {variant} "
-            f"--descriptor {st.descriptor()}")
+def reproducer(st, variant, threads) -> str:
+    """The standalone command that times this row again (no network needed)."""
+    return (f"bnff micro --stage {st.name} --descriptor {st.descriptor()} --variant {variant} "
+            f"--threads {threads}")
 
 
 def row_for(args, st, count, variant, threads, times, roof, errors, fp) -> dict:
     cost = st.cost(variant)
-    med = statistics.median(times)
+    med, fastest, _ = median_min_max(times)
     gbps, gflops = cost.bytes / med / 1e9, cost.flops / med / 1e9
     ridge = roof["fma_gflops"] / roof["triad_gbps"]
     bound = "compute" if cost.bytes == 0 or cost.flops / cost.bytes > ridge else "memory"
     pct = 100 * (gflops / roof["fma_gflops"] if bound == "compute" else gbps / roof["triad_gbps"])
-    return {"network": args.network, "batch": args.batch, "image": args.image,
+    return {"network": args.network or "", "batch": args.batch, "image": args.image,
             "stage": st.name, "variant": variant, "is_default": variant == st.default,
             "descriptor": st.descriptor(), "count": count, "threads": threads,
-            "median_s": med, "min_s": min(times), "reps": len(times), "bytes": cost.bytes,
+            "median_s": med, "min_s": fastest, "reps": len(times), "bytes": cost.bytes,
             "flops": cost.flops, "gbps": gbps, "gflops": gflops, "bound": bound,
             "pct_roofline": pct, "triad_gbps": roof["triad_gbps"],
             "fma_gflops": roof["fma_gflops"], "sgemm_gflops": roof["sgemm_gflops"],
             "pct_sgemm": 100 * gflops / roof["sgemm_gflops"] if st.name in CONV_DIRECTIONS
             else None, "footprint_bytes": fp,
-            "max_rel_error": errors[variant], "reproducer": reproducer(args, st, variant, threads)}
+            "max_rel_error": errors[variant], "reproducer": reproducer(st, variant, threads)}
 
 
 def memory_target(rows: list, llc: int) -> list:
@@ -326,18 +220,23 @@ def print_tables(rows: list, top: int, llc: int) -> None:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("micro", help="time every stage shape of a network's training iteration",
-                       description="Time every distinct (stage, shape) of one training iteration "
-                                   "of NET, convs included, each variant validated against the "
-                                   "float64 reference first; roofline figures are measured in "
+                       description="Time every distinct (stage, shape) the schedules' plans run in "
+                                   "one training iteration of NET (steps with no registered "
+                                   "stage, the BN-hooked convs, are counted and reported), each "
+                                   "variant validated against the float64 reference first; "
+                                   "roofline figures are measured in "
                                    "the same run. Run it with nothing else busy on the machine. "
                                    "Example: bnff micro resnet50 --batch 16 --image 224 --threads 1,2 "
-                                   "--variant default --csv micro.csv")
-    add_network_args(p)
+                                   "--variant default --csv micro.csv. Without NET, --stage S "
+                                   "--descriptor D times that one stage alone (the reproducer "
+                                   "column of every row).")
+    add_network_args(p, optional=True)
     p.add_argument("--threads", type=thread_list, default=None,
                    help="thread counts, e.g. 1,2 or 1-4 or all (default all)")
     p.add_argument("--stage", help="only these stages, comma-separated (e.g. bn_stats,conv_fwd)")
     p.add_argument("--variant", help="only this variant, or `default` (default: all variants)")
-    p.add_argument("--descriptor", help="only this shape, e.g. mb16ic256ih56iw56")
+    p.add_argument("--descriptor", help="only this shape, e.g. mb16ic256ih56iw56eps1e-05; "
+                                        "without NET, the one shape to time")
     p.add_argument("--csv", metavar="FILE", help="append one row per (stage, variant, shape, "
                                                  "threads) to FILE")
     p.add_argument("--reps", type=positive_int, default=5,
@@ -355,15 +254,32 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def standalone(args):
+    """The one stage --stage and --descriptor name (no network)."""
+    if not args.stage or not args.descriptor or "," in args.stage:
+        raise UserError("give NET, or one --stage and its --descriptor to time that stage alone")
+    try:
+        st = registry.make(args.stage, args.descriptor)
+    except (registry.UnknownStage, registry.DescriptorError) as e:
+        raise UserError(str(e)) from None
+    args.batch, args.image = st.shape.get("mb", ""), st.shape.get("ih", "")
+    return st
+
+
 def micro(args, progress=True) -> list:
     """The rows of one `bnff micro` run (raises UserError, ValidationError)."""
     threads = args.threads or thread_list("all")
     mib = args.array_mib if args.array_mib is not None else roofline.default_array_mib()
     if mib <= 0 or args.min_time < 0:
         raise UserError("--array-mib must be positive and --min-time non-negative")
-    graph = networks.load(args.network)
-    work = select(stages_of(graph, args.batch, args.image), args.stage, args.variant,
-                  args.descriptor)
+    if args.network is None:
+        items = [(standalone(args), 1)]
+        args.untimed = ""
+    else:
+        graph = networks.load(args.network)
+        plans = plans_of(graph, args.batch, args.image)
+        items, args.untimed = stages_of(graph, args.batch, args.image, plans), untimed(plans)
+    work = select(items, args.stage, args.variant, args.descriptor)
     machine = machine_info()
     roofs, timed = {}, []
     with tqdm(total=2 * len(threads) + len(work), desc="micro", unit="step", leave=False,
@@ -378,13 +294,15 @@ def micro(args, progress=True) -> list:
         rng = np.random.default_rng(args.seed)
         for st, count, variants in work:
             bar.set_postfix_str(f"{st.name} {st.descriptor()}"[:60])
-            inputs, outputs = st.make_inputs(rng), st.allocate_outputs()
+            inputs = st.make_inputs(rng)
             numba.set_num_threads(max(threads))
-            errors = validate(st, variants, inputs, outputs)
+            errors = validate(st, variants, inputs)
+            outputs = st.allocate_outputs()
             fp = footprint(inputs) + footprint(outputs)
+            calls = {v: partial(st.run, v, inputs, outputs) for v in variants}
             for t in threads:
                 numba.set_num_threads(t)
-                times = time_variants(st, variants, inputs, outputs, args.reps, args.min_time)
+                times = interleaved(calls, args.reps, args.min_time)
                 timed += [(st, count, v, t, times[v], errors, fp) for v in variants]
             bar.update()
             del inputs, outputs
@@ -401,6 +319,8 @@ def run(args) -> int:
         print(f"bnff micro: validation failed: {e}", file=sys.stderr)
         return 1
     print_tables(rows, args.top, llc_bytes())
+    if args.untimed:
+        print(args.untimed)
     if args.csv:
         append_csv(args.csv, rows, COLUMNS + [k for k in rows[0] if k not in COLUMNS])
         print(f"wrote {len(rows)} rows to {args.csv}")

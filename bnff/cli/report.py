@@ -8,7 +8,7 @@ import gzip
 import os
 
 from bnff.cli.args import UserError
-from bnff.cli.bench import summary_tables
+from bnff.measure.measurement import summary_tables
 
 NUMERIC = ("batch", "image", "threads", "median_s", "min_s", "max_s", "repeats", "bytes",
            "flops", "peak_mem_bytes", "compile_s")

@@ -21,13 +21,16 @@ caller zeroes them and merges them over tasks (bn_fused.bn_backward_coefficients
 s1.sum(0), s2.sum(0)). The products dy * x of two float32 values are exact in float64, so
 these sums need no shift. Full tiles take a vector path (bnff/engine/vec.py): written as scalar
 loops with a branch per element, the masked sums cost four times the tile's GEMM.
+
+Each function is wrapped in a conv_common.Hook (BN, RELU_SUMS, SUMS, BN_RELU_GRAD below):
+what the lowering passes, carrying how its arguments are packed and the bytes it adds.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
 
-from bnff.kernels.conv.conv_common import tile_sums
+from bnff.kernels.conv.conv_common import Hook, flat_first, pixels_first, tile_sums
 from bnff.engine.gemm import NR
 from bnff.engine.vec import W, vadd, vfma, vload, vstore, vwhere_pos, vwiden, vzero64
 
@@ -86,3 +89,9 @@ def bn_relu_grad_prologue(v, idx, c, args):
     xv = x[idx]
     g = v if af[c] * xv + bf[c] > 0 else np.float32(0.0)
     return a[c] * g + p[c] * xv + q[c]
+
+
+BN = Hook("bn", bn_prologue)
+RELU_SUMS = Hook("relu_sums", relu_sums_epilogue, pixels_first, reads_x=True, sums=True)
+SUMS = Hook("sums", sums_epilogue, pixels_first, reads_x=True, sums=True)
+BN_RELU_GRAD = Hook("bn_relu_grad", bn_relu_grad_prologue, flat_first, reads_x=True)

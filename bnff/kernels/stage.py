@@ -134,14 +134,17 @@ class Stage:
         raise NotImplementedError
 
     def max_rel_error(self, outputs: dict, ref: dict) -> float:
-        """Largest |out - ref| over all outputs, relative to each output's max |ref|."""
+        """Largest |out - ref| over all outputs, relative to each output's max |ref|; inf when
+        an output holds a NaN or Inf (an element left unwritten in a NaN-filled output; a
+        plain max() would skip the NaN and pass it)."""
         worst = 0.0
         for k, r in ref.items():
             r = np.asarray(r, dtype=np.float64)
             o = np.asarray(outputs[k], dtype=np.float64)
-            scale = max(float(np.max(np.abs(r))), 1e-30) if r.size else 1.0
-            err = float(np.max(np.abs(o - r))) / scale if r.size else 0.0
-            if err != err:  # NaN, e.g. an element left unwritten: max() would drop it
+            if not r.size:
+                continue
+            if not np.isfinite(o).all():
                 return float("inf")
-            worst = max(worst, err)
+            scale = max(float(np.max(np.abs(r))), 1e-30)
+            worst = max(worst, float(np.max(np.abs(o - r))) / scale)
         return worst

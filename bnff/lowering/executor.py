@@ -1,20 +1,21 @@
-"""Runs a schedule: lowers the graph once, allocates every buffer once (touched, so page
-faults stay out of the timings), loads parameters and a batch, and runs iterations."""
+"""Runs a Schedule (bnff/lowering/schedules.py: the value, never a name): lowers the graph
+once, allocates every buffer once (touched, so page faults stay out of the timings), loads
+parameters and a batch, and runs iterations."""
 from __future__ import annotations
 
 import numpy as np
 
 from bnff.lowering import ops
-from bnff.lowering.lower import lower
+from bnff.lowering.dispatch import lower
+from bnff.lowering.schedules import Schedule
 from bnff.suites.graph import Graph
 
 
 class Executor:
-    def __init__(self, graph: Graph, schedule: str, batch: int, image: int):
-        from bnff.lowering.schedules import OPTIONS
+    def __init__(self, graph: Graph, schedule: Schedule, batch: int, image: int):
         self.graph, self.schedule = graph, schedule
         self.batch, self.image = batch, image
-        self.plan, self.io = lower(graph, batch, image, OPTIONS[schedule])
+        self.plan, self.io = lower(graph, batch, image, schedule)
         self.arrays = self.calls = None
 
     def peak_bytes(self) -> int:
@@ -55,7 +56,7 @@ class Executor:
         return out
 
 
-def train_step(graph: Graph, params: dict, x, labels, schedule: str):
+def train_step(graph: Graph, params: dict, x, labels, schedule: Schedule):
     """One float32 iteration of `schedule`: (loss, grads), like the reference's train_step."""
     ex = Executor(graph, schedule, x.shape[0], x.shape[2])
     ex.load(params, x, labels)

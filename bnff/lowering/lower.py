@@ -1,5 +1,6 @@
-"""Lowering: a network graph and a schedule's options -> a Plan of float32 NHWC kernel calls
-for one training iteration (forward, loss, backward to every parameter gradient).
+"""Lowering: a network graph and a Schedule (bnff/lowering/schedules.py) -> a Plan of float32
+NHWC kernel calls for one training iteration (forward, loss, backward to every parameter
+gradient). bnff/lowering/dispatch.py picks this class or a subclass from the Schedule.
 
 Tensor names: a node's output is its name, its gradient `d:<name>`; parameters keep their
 graph names (in the kernels' layouts), their gradients are `grad:<name>`; per-BN vectors are
@@ -19,22 +20,12 @@ The unfused BN sites, per schedule (x the conv output, y the BN output, z the Re
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from bnff.lowering import ops
 from bnff.lowering.plan import RW, Plan, R, W
+from bnff.lowering.schedules import Schedule
 from bnff.suites.graph import INPUT, Graph
-
-
-@dataclass(frozen=True)
-class Options:
-    bn: str                      # "caffe", "framework" or "split" (fission)
-    fuse_forward: bool = False   # split only: sub-BN1 into conv epilogues, sub-BN2 into prologues
-    fuse_backward: bool = False  # split only: mask and sums into backward-data epilogues, dx
-                                 # into the producing conv's backward prologues
-    blocks: bool = False         # split only: concatenations as block buffers (lower_blocks)
 
 
 def nhwc(shape):
@@ -42,8 +33,8 @@ def nhwc(shape):
 
 
 class Lowering:
-    def __init__(self, graph: Graph, batch: int, image: int, options: Options):
-        self.g, self.opt = graph, options
+    def __init__(self, graph: Graph, batch: int, image: int, schedule: Schedule):
+        self.g, self.schedule = graph, schedule
         self.shapes = {k: nhwc(v) for k, v in graph.infer_shapes(batch, image).items()}
         self.consumers = graph.consumers()
         self.plan = Plan()
@@ -51,8 +42,7 @@ class Lowering:
         self.seen = set()  # tensors whose gradient has had its first contribution
 
     def step(self, node, what, kind, phase, call):
-        fn, args, cost = call
-        self.plan.step(f"{node.name} {what}", kind, phase, fn, args, cost)
+        self.plan.step(f"{node.name} {what}", kind, phase, *call)
 
     def declare_io(self):
         p = self.plan
@@ -125,7 +115,7 @@ class Lowering:
         p, c, eps = self.plan, shape[3], n["eps"]
         mean, var = p.tensor(f"{n.name}.mean", (c,)), p.tensor(f"{n.name}.var", (c,))
         gamma, beta = R(f"{n.name}.weight"), R(f"{n.name}.bias")
-        if self.opt.bn == "caffe":
+        if self.schedule.bn == "caffe":
             self.step(n, "stats", "bn", "forward",
                       ops.bn_stats_call(R(x), W(mean), W(var), shape, "two_pass"))
             xh = p.tensor(f"{n.name}.xh", shape)
@@ -216,7 +206,7 @@ class Lowering:
         dy, eps = R(f"d:{n.name}"), n["eps"]
         mean, var = R(f"{n.name}.mean"), R(f"{n.name}.var")
         dgamma, dbeta = f"grad:{n.name}.weight", f"grad:{n.name}.bias"
-        if self.opt.bn == "caffe":
+        if self.schedule.bn == "caffe":
             dxh = self.plan.tensor(f"{n.name}.dxh", shape)
             c = shape[3]
             sums = [self.plan.tensor(f"{n.name}.{v}", (c,)) for v in ("dxh_sum", "dxh_xh_sum")]
@@ -247,13 +237,4 @@ class Lowering:
                 live.update(n.inputs)
                 self.backward(n)
         return self.plan, self.io
-
-
-def lower(graph: Graph, batch: int, image: int, options: Options):
-    if options.bn == "split":
-        from bnff.lowering.lower_blocks import BlockLowering
-        from bnff.lowering.lower_bnff import SplitLowering
-        cls = BlockLowering if options.blocks else SplitLowering
-        return cls(graph, batch, image, options).lower()
-    return Lowering(graph, batch, image, options).lower()
 

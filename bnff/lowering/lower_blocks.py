@@ -15,8 +15,8 @@ Backward, the gradient of the block is one buffer too: the BN reading F writes i
 each BN over a prefix adds its dx into the prefix slice, each conv reads the gradient of
 its feature from its slice, and a copied feature's gradient is copied out once.
 
-Further fusion, in every network: conv backward-data adds into a gradient that is already
-started itself (no temporary and add pass).
+Further fusion, in every network (the schedule's conv_data_native): conv backward-data adds
+into a gradient that is already started itself (no temporary and add pass).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bnff.kernels.conv.conv_common import CHANNEL_SUMS
 from bnff.lowering import ops
 from bnff.lowering import ops_bnff as fo
 from bnff.lowering.lower_bnff import SplitLowering
@@ -41,8 +42,6 @@ class Block:
 
 
 class BlockLowering(SplitLowering):
-    conv_data_native = True
-
     def __init__(self, *args):
         super().__init__(*args)
         self.blocks, self.member, self.copied = {}, {}, {}  # slice tensor / copied feature -> Block
@@ -122,7 +121,7 @@ class BlockLowering(SplitLowering):
         if n.name not in self.member:
             return super().forward_epilogue(n)
         c = self.shapes[n.name][3]
-        return "stats", tuple(W(self.plan.tensor(f"{n.name}.{v}", fo.partials_shape(c),
+        return CHANNEL_SUMS, tuple(W(self.plan.tensor(f"{n.name}.{v}", fo.partials_shape(c),
                                                  np.float64)) for v in ("fs1", "fs2"))
 
     def conv_forward(self, n):

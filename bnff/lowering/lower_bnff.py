@@ -1,11 +1,13 @@
 """Lowering of the split-BN schedules (fission, bnff-fwd, bnff): BN fission, and with the
-options the fusion of its halves into the neighbouring convolutions (see SplitLowering)."""
+schedule's flags the fusion of its halves into the neighbouring convolutions (see SplitLowering)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from bnff.hooks.bnff_hooks import BN, BN_RELU_GRAD, RELU_SUMS, SUMS
+from bnff.kernels.conv.conv_common import BN_GRAD, BN_RELU, CHANNEL_SUMS
 from bnff.lowering import ops
 from bnff.lowering import ops_bnff as fo
 from bnff.lowering.lower import Lowering
@@ -29,7 +31,7 @@ class Site:
 
 
 class SplitLowering(Lowering):
-    """BN fission, and with the options the fusion, of the paper (fission, bnff-fwd, bnff):
+    """BN fission, and with the schedule's flags the fusion, of the paper (fission, bnff-fwd, bnff):
 
     forward   sub-BN1 (statistics) in the epilogue of the conv producing x, else one stable
               pass; sub-BN2 (a*x + b) with the ReLU in the prologue of the conv consuming the
@@ -42,8 +44,6 @@ class SplitLowering(Lowering):
               conv's backward-weights recomputes z from x in its prologue whenever z was not
               written. A 1x1 conv computes both gradients in one pass over dy.
     """
-
-    conv_data_native = False  # backward-data adds into a started gradient itself
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -81,16 +81,16 @@ class SplitLowering(Lowering):
 
     # what is fused where
     def stats_in_epilogue(self, s):
-        return self.opt.fuse_forward and s.producer is not None
+        return self.schedule.fuse_forward and s.producer is not None
 
     def norm_in_prologue(self, s):
-        return self.opt.fuse_forward and s.consumer is not None
+        return self.schedule.fuse_forward and s.consumer is not None
 
     def sums_in_epilogue(self, s):
-        return self.opt.fuse_backward and self.norm_in_prologue(s)
+        return self.schedule.fuse_backward and self.norm_in_prologue(s)
 
     def dx_in_prologue(self, s):
-        return self.opt.fuse_backward and self.stats_in_epilogue(s)
+        return self.schedule.fuse_backward and self.stats_in_epilogue(s)
 
     def unmasked(self, s):
         """dy:<bn> holds dz, not dz * mask: the consuming conv's backward-data epilogue only
@@ -124,12 +124,12 @@ class SplitLowering(Lowering):
         src, pro, pro_args = x, None, ()
         s = self.by_out.get(x)
         if s is not None and s.consumer is n and self.norm_in_prologue(s):
-            src, pro = s.x, ("bn_relu" if s.relu else "bn")
+            src, pro = s.x, (BN_RELU if s.relu else BN)
             pro_args = (R(self.vec(s, "a")), R(self.vec(s, "b")))
         epi, epi_args = self.forward_epilogue(n)
         self.declare_output(n)
-        self.step(n, "fwd" + (f" +{pro} prologue" if pro else "") +
-                  (f" +{epi} epilogue" if epi else ""), "conv", "forward",
+        self.step(n, "fwd" + (f" +{pro.name} prologue" if pro else "") +
+                  (f" +{epi.name} epilogue" if epi else ""), "conv", "forward",
                   fo.conv_fwd_fused_call(R(src), R(f"{n.name}.weight"), W(n.name),
                                           self.shapes[x], n, pro, pro_args, epi, epi_args))
 
@@ -139,7 +139,7 @@ class SplitLowering(Lowering):
         if t is None or not self.stats_in_epilogue(t):
             return None, ()
         c = self.shapes[n.name][3]
-        return "stats", tuple(W(self.vec(t, v, fo.partials_shape(c), np.float64))
+        return CHANNEL_SUMS, tuple(W(self.vec(t, v, fo.partials_shape(c), np.float64))
                               for v in ("fs1", "fs2"))
 
     def declare_output(self, n):
@@ -208,7 +208,7 @@ class SplitLowering(Lowering):
         x, xs = n.inputs[0], self.shapes[n.inputs[0]]
         dy, pro_dy, pdy_args = self.grad_operand(n)
         src, pro_x, px_args = self.input_operand(n)
-        if self.opt.fuse_backward and n["kernel"] == 1 and n["padding"] == 0 and x != INPUT:
+        if self.schedule.fuse_backward and n["kernel"] == 1 and n["padding"] == 0 and x != INPUT:
             return self.conv_backward_1x1(n, dy, pro_dy, pdy_args, src, pro_x, px_args)
         self.step(n, "bwd-weights", "conv", "backward", fo.conv_bwd_weights_fused_call(
             R(src), dy, W(f"grad:{n.name}.weight"), xs, n, pro_x, px_args, pro_dy, pdy_args))
@@ -217,13 +217,13 @@ class SplitLowering(Lowering):
         e = self.data_epilogue(n)
         if e is not None:
             out, epi, epi_args = e
-            self.step(n, f"bwd-data +{epi} epilogue", "conv", "backward",
+            self.step(n, f"bwd-data +{epi.name} epilogue", "conv", "backward",
                       fo.conv_bwd_data_fused_call(dy, R(f"{n.name}.weight"), W(out), xs, n,
                                                    pro_dy, pdy_args, epi, epi_args))
             return
         self.contribute(n, "bwd-data", "conv", x, lambda d, acc: fo.conv_bwd_data_fused_call(
             dy, R(f"{n.name}.weight"), d, xs, n, pro_dy, pdy_args, None, (), acc),
-            native=self.conv_data_native)
+            native=self.schedule.conv_data_native)
 
     def conv_backward_1x1(self, n, dy, pro_dy, pdy_args, src, pro_x, px_args):
         """Both gradients of a 1x1 conv in one pass over dy (bnff/kernels/conv/conv_bwd_fused.py): dy
@@ -235,10 +235,11 @@ class SplitLowering(Lowering):
         e = self.data_epilogue(n)
         if e is not None:
             out, epi, epi_args = e
-            self.step(n, f"bwd data+weights +{epi} epilogue", "conv", "backward",
+            self.step(n, f"bwd data+weights +{epi.name} epilogue", "conv", "backward",
                       call(W(out), False, epi, epi_args))
             return
-        self.contribute(n, "bwd data+weights", "conv", x, call, native=self.conv_data_native)
+        self.contribute(n, "bwd data+weights", "conv", x, call,
+                        native=self.schedule.conv_data_native)
 
     def grad_operand(self, n):
         """The conv's incoming gradient: d:n, or formed from the site's dy in the prologue
@@ -247,7 +248,7 @@ class SplitLowering(Lowering):
         if t is None or not self.dx_in_prologue(t):
             return R(f"d:{n.name}"), None, ()
         mask = tuple(R(self.vec(t, v)) for v in ("a", "b")) if self.unmasked(t) else ()
-        return (R(self.dy_of(t)), "bn_relu_grad" if mask else "bn_grad",
+        return (R(self.dy_of(t)), BN_RELU_GRAD if mask else BN_GRAD,
                 (R(t.x),) + mask + tuple(R(self.vec(t, v)) for v in ("ga", "gp", "gq")))
 
     def input_operand(self, n):
@@ -257,7 +258,7 @@ class SplitLowering(Lowering):
         s = self.by_out.get(x)
         if s is None or s.consumer is not n or not self.norm_in_prologue(s):
             return x, None, ()
-        return s.x, ("bn_relu" if s.relu else "bn"), (R(self.vec(s, "a")), R(self.vec(s, "b")))
+        return s.x, (BN_RELU if s.relu else BN), (R(self.vec(s, "a")), R(self.vec(s, "b")))
 
     def data_epilogue(self, n):
         """When n consumes a BN site whose backward sums go into n's backward-data epilogue:
@@ -269,9 +270,9 @@ class SplitLowering(Lowering):
         parts = tuple(W(self.vec(s, v, fo.partials_shape(xs[3]), np.float64))
                       for v in ("bs1", "bs2"))
         if s.relu:
-            epi, epi_args = "relu_sums", (R(s.x), R(self.vec(s, "a")), R(self.vec(s, "b"))) + parts
+            epi, epi_args = RELU_SUMS, (R(s.x), R(self.vec(s, "a")), R(self.vec(s, "b"))) + parts
         else:
-            epi, epi_args = "sums", (R(s.x),) + parts
+            epi, epi_args = SUMS, (R(s.x),) + parts
         self.seen.add(x)
         self.plan.tensor(self.dy_of(s), xs)
         return self.dy_of(s), epi, epi_args

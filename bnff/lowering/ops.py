@@ -1,7 +1,8 @@
 """The kernel calls a lowering emits. Each function takes tensor references, shapes and
-attributes and returns (kernel, args, cost) for one plan step: the kernel is the default
-variant of its stage module (wrapped to see the [M, C] or flat view it wants), the cost is
-that stage's own declaration at this shape. Activations are NHWC; parameters live in the
+attributes and returns (kernel, args, cost, stage) for one plan step: the kernel is a variant
+(the default unless named) of its stage module (wrapped to see the [M, C] or flat view it
+wants), the cost is that stage's own declaration at this shape, and stage the StageCall that
+names it (None for a step that runs no registered stage as it is). Activations are NHWC; parameters live in the
 kernels' layouts (conv weights OHWI, linear weights [out, in])."""
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from bnff.kernels.bn import bn_backward, bn_normalize, bn_scale, bn_stats
 from bnff.kernels.conv import conv_bwd_data, conv_bwd_weights, conv_common, conv_fwd
 from bnff.kernels import linear, loss, pool
 from bnff.kernels.stage import F32, Cost
+from bnff.lowering.plan import StageCall
 
 
 def param_layout(op, shape):
@@ -55,10 +57,12 @@ def on_view(fn, c=None):
     return call
 
 
-def default_kernel(stage_cls, shape_keys):
-    """The default variant of a stage and its declared cost at these shape keys."""
+def stage_kernel(stage_cls, shape_keys, variant=None):
+    """(the variant's kernel, its declared cost, its StageCall) of a stage at these shape
+    keys; variant None is the stage's default."""
     st = stage_cls(shape_keys)
-    return st.variants[st.default], st.cost(st.default)
+    variant = variant or st.default
+    return st.variants[variant], st.cost(variant), StageCall(st.name, st.descriptor(), variant)
 
 
 # --- conv ----------------------------------------------------------------------------------
@@ -70,73 +74,72 @@ def conv_shape(xs, node):
 
 
 def conv_fwd_call(x, w, y, xs, node):
-    fn, cost = default_kernel(conv_fwd.ConvForward, conv_shape(xs, node))
-    return fn, (x, w, y, node["stride"], node["padding"]), cost
+    fn, cost, sc = stage_kernel(conv_fwd.ConvForward, conv_shape(xs, node))
+    return fn, (x, w, y, node["stride"], node["padding"]), cost, sc
 
 
 def conv_bwd_data_call(dy, w, dx, xs, node):
-    fn, cost = default_kernel(conv_bwd_data.ConvBackwardData, conv_shape(xs, node))
-    return fn, (dy, w, dx, node["stride"], node["padding"]), cost
+    fn, cost, sc = stage_kernel(conv_bwd_data.ConvBackwardData, conv_shape(xs, node))
+    return fn, (dy, w, dx, node["stride"], node["padding"]), cost, sc
 
 
 def conv_bwd_weights_call(x, dy, dw, xs, node):
-    fn, cost = default_kernel(conv_bwd_weights.ConvBackwardWeights, conv_shape(xs, node))
-    return fn, (x, dy, dw, node["stride"], node["padding"]), cost
+    fn, cost, sc = stage_kernel(conv_bwd_weights.ConvBackwardWeights, conv_shape(xs, node))
+    return fn, (x, dy, dw, node["stride"], node["padding"]), cost, sc
 
 
 # --- batchnorm -----------------------------------------------------------------------------
 
 def bn_stats_call(x, mean, var, shape, variant=None):
-    st = bn_stats.BNStats(dims(shape))
-    variant = variant or st.default
-    return on_view(st.variants[variant], shape[3]), (x, mean, var), st.cost(variant)
+    fn, cost, sc = stage_kernel(bn_stats.BNStats, dims(shape), variant)
+    return on_view(fn, shape[3]), (x, mean, var), cost, sc
 
 
 def bn_normalize_call(x, mean, var, gamma, beta, y, eps, shape):
-    fn, cost = default_kernel(bn_normalize.BNNormalize, dims(shape))
-    return on_view(fn, shape[3]), (x, mean, var, gamma, beta, eps, y), cost
+    fn, cost, sc = stage_kernel(bn_normalize.BNNormalize, dict(dims(shape), eps=eps))
+    return on_view(fn, shape[3]), (x, mean, var, gamma, beta, eps, y), cost, sc
 
 
 def bn_scale_call(xh, gamma, beta, y, shape):
-    fn, cost = default_kernel(bn_scale.BNScale, dims(shape))
-    return on_view(fn, shape[3]), (xh, gamma, beta, y), cost
+    fn, cost, sc = stage_kernel(bn_scale.BNScale, dims(shape))
+    return on_view(fn, shape[3]), (xh, gamma, beta, y), cost, sc
 
 
 def bn_scale_bwd_call(dy, xh, gamma, dgamma, dbeta, dxh, shape):
-    fn, cost = default_kernel(bn_scale.BNScaleBackward, dims(shape))
-    return on_view(fn, shape[3]), (dy, xh, gamma, dgamma, dbeta, dxh), cost
+    fn, cost, sc = stage_kernel(bn_scale.BNScaleBackward, dims(shape))
+    return on_view(fn, shape[3]), (dy, xh, gamma, dgamma, dbeta, dxh), cost, sc
 
 
 def bn_bwd_call(dy, x, mean, var, gamma, dgamma, dbeta, dx, eps, shape):
     """BN backward, reduction pass then dx pass, as one step."""
-    fn, cost = default_kernel(bn_backward.BNBackward, dims(shape))
-    return on_view(fn, shape[3]), (dy, x, mean, var, gamma, eps, dgamma, dbeta, dx), cost
+    fn, cost, sc = stage_kernel(bn_backward.BNBackward, dict(dims(shape), eps=eps))
+    return on_view(fn, shape[3]), (dy, x, mean, var, gamma, eps, dgamma, dbeta, dx), cost, sc
 
 
 # --- elementwise -----------------------------------------------------------------------------
 
 def relu_fwd_call(x, y, shape):
-    fn, cost = default_kernel(relu.ReLUForward, dims(shape))
-    return on_view(fn), (x, y), cost
+    fn, cost, sc = stage_kernel(relu.ReLUForward, dims(shape))
+    return on_view(fn), (x, y), cost, sc
 
 
 def relu_bwd_call(dy, y, dx, shape):
-    fn, cost = default_kernel(relu.ReLUBackward, dims(shape))
-    return on_view(fn), (dy, y, dx), cost
+    fn, cost, sc = stage_kernel(relu.ReLUBackward, dims(shape))
+    return on_view(fn), (dy, y, dx), cost, sc
 
 
 def add_call(a, b, y, shape):
-    fn, cost = default_kernel(add.Add, dims(shape))
-    return on_view(fn), (a, b, y), cost
+    fn, cost, sc = stage_kernel(add.Add, dims(shape))
+    return on_view(fn), (a, b, y), cost, sc
 
 
 def fill_call(dst, value, shape):
-    return (lambda d: d.fill(value)), (dst,), Cost(0, 0, int(np.prod(shape)) * F32)
+    return (lambda d: d.fill(value)), (dst,), Cost(0, 0, int(np.prod(shape)) * F32), None
 
 
 def copy_call(src, dst, shape):
     n = int(np.prod(shape)) * F32
-    return on_view(np.copyto), (dst, src), Cost(0, n, n)
+    return on_view(np.copyto), (dst, src), Cost(0, n, n), None
 
 
 # --- pooling, concat, linear, loss -----------------------------------------------------------
@@ -149,64 +152,63 @@ def _pool(xs, node, padded):
 
 
 def maxpool_fwd_call(x, y, arg, xs, node):
-    fn, cost = default_kernel(pool.MaxPoolForward, _pool(xs, node, True))
-    return fn, (x, node["kernel"], node["stride"], node["padding"], y, arg), cost
+    fn, cost, sc = stage_kernel(pool.MaxPoolForward, _pool(xs, node, True))
+    return fn, (x, node["kernel"], node["stride"], node["padding"], y, arg), cost, sc
 
 
 def maxpool_bwd_call(dy, arg, dx, xs, node):
-    fn, cost = default_kernel(pool.MaxPoolBackward, _pool(xs, node, True))
-    return fn, (dy, arg, node["kernel"], node["stride"], node["padding"], dx), cost
+    fn, cost, sc = stage_kernel(pool.MaxPoolBackward, _pool(xs, node, True))
+    return fn, (dy, arg, node["kernel"], node["stride"], node["padding"], dx), cost, sc
 
 
 def avgpool_fwd_call(x, y, xs, node):
-    fn, cost = default_kernel(pool.AvgPoolForward, _pool(xs, node, False))
-    return fn, (x, node["kernel"], node["stride"], y), cost
+    fn, cost, sc = stage_kernel(pool.AvgPoolForward, _pool(xs, node, False))
+    return fn, (x, node["kernel"], node["stride"], y), cost, sc
 
 
 def avgpool_bwd_call(dy, dx, xs, node):
-    fn, cost = default_kernel(pool.AvgPoolBackward, _pool(xs, node, False))
-    return fn, (dy, node["kernel"], node["stride"], dx), cost
+    fn, cost, sc = stage_kernel(pool.AvgPoolBackward, _pool(xs, node, False))
+    return fn, (dy, node["kernel"], node["stride"], dx), cost, sc
 
 
 def gap_fwd_call(x, y, xs):
-    fn, cost = default_kernel(pool.GlobalAvgPoolForward, dims(xs))
-    return fn, (x, y), cost
+    fn, cost, sc = stage_kernel(pool.GlobalAvgPoolForward, dims(xs))
+    return fn, (x, y), cost, sc
 
 
 def gap_bwd_call(dy, dx, xs):
-    fn, cost = default_kernel(pool.GlobalAvgPoolBackward, dims(xs))
-    return fn, (dy, dx), cost
+    fn, cost, sc = stage_kernel(pool.GlobalAvgPoolBackward, dims(xs))
+    return fn, (dy, dx), cost, sc
 
 
 def concat_copy_call(x, y, xs, ys, off):
     """y[..., off:off+C_k] = x."""
     ck, m = xs[3], int(np.prod(xs[:3]))
-    fn = lambda a, b: concat.copy_into(a.reshape(m, ck), b.reshape(m, ys[3]), off)
-    return fn, (x, y), concat.ConcatForward(dict(dims(xs), ics=(ck,))).cost("prange")
+    copy, cost, sc = stage_kernel(concat.ConcatCopyInto, dict(dims(xs), oc=ys[3], off=off))
+    fn = lambda a, b: copy(a.reshape(m, ck), b.reshape(m, ys[3]), off)
+    return fn, (x, y), cost, sc
 
 
 def concat_split_call(dy, dx, ys, xs, off, accumulate):
     """dx = dy[..., off:off+C_k], or dx += it when accumulating."""
     ck, m = xs[3], int(np.prod(xs[:3]))
-    kernel = concat.add_out if accumulate else concat.copy_out
-    fn = lambda g, d: kernel(g.reshape(m, ys[3]), off, d.reshape(m, ck))
-    cost = concat.ConcatBackward(dict(dims(xs), ics=(ck,))).cost("prange")
-    if accumulate:
-        cost = cost + Cost(m * ck, m * ck * F32, 0)
-    return fn, (dy, dx), cost
+    stage = concat.ConcatAddOut if accumulate else concat.ConcatCopyOut
+    split, cost, sc = stage_kernel(stage, dict(dims(xs), oc=ys[3], off=off))
+    fn = lambda g, d: split(g.reshape(m, ys[3]), off, d.reshape(m, ck))
+    return fn, (dy, dx), cost, sc
 
 
 def linear_fwd_call(x, w, b, y, xs, ys):
-    fn, cost = default_kernel(linear.LinearForward, dict(mb=xs[0], ic=xs[1], oc=ys[1]))
-    return fn, (x, w, b, y), cost
+    fn, cost, sc = stage_kernel(linear.LinearForward, dict(mb=xs[0], ic=xs[1], oc=ys[1]))
+    return fn, (x, w, b, y), cost, sc
 
 
 def linear_bwd_call(dy, x, w, dx, dw, db, xs, ys):
-    fn, cost = default_kernel(linear.LinearBackward, dict(mb=xs[0], ic=xs[1], oc=ys[1]))
-    return fn, (dy, x, w, dx, dw, db), cost
+    fn, cost, sc = stage_kernel(linear.LinearBackward, dict(mb=xs[0], ic=xs[1], oc=ys[1]))
+    return fn, (dy, x, w, dx, dw, db), cost, sc
 
 
 def softmax_xent_call(z, labels, loss_out, dz, zs):
-    fn, cost = default_kernel(loss.SoftmaxCrossEntropy, dict(mb=zs[0], oc=zs[1]))
-    return fn, (z, labels, loss_out, dz), cost
+    fn, cost, sc = stage_kernel(loss.SoftmaxCrossEntropy, dict(mb=zs[0], oc=zs[1]))
+    return fn, (z, labels, loss_out, dz), cost, sc
 

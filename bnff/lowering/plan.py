@@ -9,6 +9,11 @@ declared `inplace_of` another shares its buffer (ReLU in place); one declared `s
 block buffer and its gradient, written piece by piece). Persistent tensors
 (parameters, their gradients, the input, labels and loss) live for the whole iteration; every
 other tensor lives from its first step to its last.
+
+A step that runs one registered stage's variant exactly, at the cost that stage declares,
+records it (`StageCall`: stage name, shape descriptor, variant), so `bnff micro` times the
+distinct steps of a plan from the registry alone (bnff/kernels/registry.py). Steps that
+compose kernels (a conv with hooks, the per-channel coefficient merges) record none.
 """
 from __future__ import annotations
 
@@ -38,6 +43,15 @@ def RW(name):
     return Ref(name, "rw")
 
 
+@dataclass(frozen=True)
+class StageCall:
+    """The registered stage a step runs: registry.make(stage, descriptor).run(variant, ...)
+    does the step's work, and its cost(variant) is the step's cost."""
+    stage: str
+    descriptor: str
+    variant: str
+
+
 @dataclass
 class TensorSpec:
     shape: tuple
@@ -59,6 +73,7 @@ class Step:
     fn: object     # the kernel: fn(*args) with refs replaced by arrays
     args: tuple
     cost: Cost
+    stage: StageCall | None = None
 
     def refs(self, mode=None):
         return [a.name for a in self.args if isinstance(a, Ref) and (mode is None or mode in a.mode)]
@@ -80,11 +95,11 @@ class Plan:
         self.tensors[name] = TensorSpec(tuple(shape), dtype, persistent, inplace_of, slice_of)
         return name
 
-    def step(self, name, kind, phase, fn, args, cost) -> None:
+    def step(self, name, kind, phase, fn, args, cost, stage=None) -> None:
         for ref in (a for a in args if isinstance(a, Ref)):
             if ref.name not in self.tensors:
                 raise ValueError(f"step {name}: tensor {ref.name} is not declared")
-        self.steps.append(Step(name, kind, phase, fn, tuple(args), cost))
+        self.steps.append(Step(name, kind, phase, fn, tuple(args), cost, stage))
 
     # --- buffers and lifetimes ----------------------------------------------------------
     def base(self, name) -> str:
@@ -182,3 +197,24 @@ class Plan:
         for s in self.steps:
             total = total + s.cost
         return total
+
+
+def distinct_stage_calls(plans) -> list:
+    """[(StageCall, count)] over the steps of `plans` that run a registered stage, in first
+    use order, deduplicated by (stage, descriptor, variant); count is the most times one plan
+    runs it (the plans being alternative schedules of one iteration, not a sequence)."""
+    counts = {}
+    for plan in plans:
+        here = {}
+        for s in plan.steps:
+            if s.stage is not None:
+                here[s.stage] = here.get(s.stage, 0) + 1
+        for k, n in here.items():
+            counts[k] = max(counts.get(k, 0), n)
+    return list(counts.items())
+
+
+def unstaged(plan) -> list:
+    """The steps of a plan that run no registered stage (bnff micro cannot time them alone)."""
+    return [s for s in plan.steps if s.stage is None]
+

@@ -1,23 +1,52 @@
-"""Schedules by name. `reference` is the float64 NumPy iteration every other schedule is
-checked against; the float32 schedules are lowered to Numba kernel calls (`bnff/lowering/lower.py`
-says what each does)."""
+"""Schedules by name, each resolved once, at the command line, into the one frozen value that
+describes it completely; the lowering (bnff/lowering/dispatch.py, lower*.py) and the executor
+receive that value, never a name. `reference`, the float64 NumPy iteration every schedule is
+checked against (bnff/lowering/reference_step.py), is not lowered and has no value here.
+"""
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import dataclass
 
-from bnff.lowering.executor import train_step
-from bnff.lowering.lower import Options
-from bnff.lowering.reference_step import train_step as reference
 
-OPTIONS = {
-    "caffe": Options(bn="caffe"),
-    "baseline": Options(bn="framework"),
-    "fission": Options(bn="split"),
-    "bnff-fwd": Options(bn="split", fuse_forward=True),
-    "bnff": Options(bn="split", fuse_forward=True, fuse_backward=True),
-    "bnff+": Options(bn="split", fuse_forward=True, fuse_backward=True, blocks=True),
-}
-FLOAT32 = list(OPTIONS)
+@dataclass(frozen=True)
+class Schedule:
+    """Every flag that makes a float32 schedule what it is (bnff/lowering/lower.py and
+    lower_bnff.py say what each does at a BN site)."""
+
+    name: str
+    bn: str                        # "caffe", "framework" or "split" (fission)
+    fuse_forward: bool = False     # split only: sub-BN1 into conv epilogues, sub-BN2 into
+                                   # prologues
+    fuse_backward: bool = False    # split only: mask and sums into backward-data epilogues,
+                                   # dx into the producing conv's backward prologues
+    blocks: bool = False           # split only: concatenations as block buffers (lower_blocks)
+    conv_data_native: bool = False  # backward-data adds into a started gradient itself
+                                    # (no temporary and add pass)
+
+
+SCHEDULES = {s.name: s for s in (
+    Schedule("caffe", bn="caffe"),
+    Schedule("baseline", bn="framework"),
+    Schedule("fission", bn="split"),
+    Schedule("bnff-fwd", bn="split", fuse_forward=True),
+    Schedule("bnff", bn="split", fuse_forward=True, fuse_backward=True),
+    Schedule("bnff+", bn="split", fuse_forward=True, fuse_backward=True, blocks=True,
+             conv_data_native=True),
+)}
+FLOAT32 = list(SCHEDULES)
+
+
+class UnknownSchedule(ValueError):
+    """A schedule name that is not in SCHEDULES."""
+
+
+def resolve(name: str) -> Schedule:
+    """The Schedule called `name` (UnknownSchedule, with the known names, if none is)."""
+    try:
+        return SCHEDULES[name]
+    except KeyError:
+        raise UnknownSchedule(f"unknown schedule {name!r}; known: {', '.join(FLOAT32)}") from None
+
 
 # Largest relative gradient difference (||g - ref|| / ||ref||, worst parameter) accepted
 # between two float32 schedules at benchmark sizes. It is loose because deep networks at a
@@ -27,5 +56,3 @@ FLOAT32 = list(OPTIONS)
 # that drops or doubles a term is off by O(1). The tests check every schedule against the
 # reference tightly on shallower networks, where rounding is not amplified.
 GRAD_TOLERANCE = 5e-2
-
-SCHEDULES = {"reference": reference, **{s: partial(train_step, schedule=s) for s in OPTIONS}}

@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from bnff.cli.args import UserError
+from bnff.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LLC = 32 << 20  # assumed when sysfs tells nothing

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
-from bnff.cli.args import UserError
+from bnff.errors import UserError
 
 KINDS = ["conv", "bn", "relu", "concat", "pool", "other"]
 
@@ -26,9 +26,12 @@ def _iterations(rows):
     return [r for r in rows if r["stage"] == "iteration"]
 
 
-def plot_bench(rows, outdir, roofline=None) -> list:
+def plot_bench(rows, outdir, roofline=None, speedups=None) -> list:
     """Writes the three plots per network into outdir; returns their paths. `roofline` is
-    an optional {threads: (GB/s, GFLOP/s)} of measured limits drawn on the roofline chart."""
+    an optional {threads: (GB/s, GFLOP/s)} of measured limits drawn on the roofline chart;
+    `speedups` ({(network, threads, schedule, ref): Speedup}, bench's paired rounds) puts the
+    speedup points at their paired estimate with their 95 % intervals as error bars, as the
+    tables print them; without, a point is a ratio of medians."""
     plt = _pyplot()
     os.makedirs(outdir, exist_ok=True)
     paths = []
@@ -38,9 +41,11 @@ def plot_bench(rows, outdir, roofline=None) -> list:
         base = {int(r["threads"]): float(r["median_s"]) for r in its if r["schedule"] == ref}
         fig, ax = plt.subplots(figsize=(6, 4))
         for s in dict.fromkeys(r["schedule"] for r in its):
-            pts = sorted((int(r["threads"]), base[int(r["threads"])] / float(r["median_s"]))
+            pts = sorted(_speedup_point(r, base, ref, speedups)
                          for r in its if r["schedule"] == s and int(r["threads"]) in base)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                        yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                        marker="o", capsize=3, label=s)
         ax.set(xlabel="threads", ylabel=f"speedup over {ref}", title=f"{net}: iteration speedup")
         ax.set_xticks(sorted(base))
         ax.legend()
@@ -79,6 +84,16 @@ def plot_bench(rows, outdir, roofline=None) -> list:
         ax.legend()
         paths.append(_save(fig, plt, outdir, f"{net}-roofline.png"))
     return paths
+
+
+def _speedup_point(r, base, ref, speedups) -> tuple:
+    """(threads, speedup, interval low, interval high) of an iteration row over `ref`."""
+    t = int(r["threads"])
+    sp = (speedups or {}).get((r["network"], r["threads"], r["schedule"], ref))
+    if sp is not None:
+        return t, sp.ratio, sp.low, sp.high
+    ratio = base[t] / float(r["median_s"])
+    return t, ratio, ratio, ratio
 
 
 def _save(fig, plt, outdir, name):

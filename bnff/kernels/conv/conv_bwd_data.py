@@ -32,8 +32,8 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from bnff.kernels import reference as R
-from bnff.kernels.conv.conv_common import (conv_flops, from_ohwi, identity_epilogue, identity_prologue,
-                                 make_igemm, pixels, tap_groups)
+from bnff.kernels.conv.conv_common import (conv_flops, from_ohwi, hooked, identity_epilogue,
+                                           identity_prologue, make_igemm, pixels, tap_groups)
 from bnff.kernels.conv.conv_fwd import ConvForward
 from bnff.engine.gemm import NR
 from bnff.kernels.stage import F32, Cost
@@ -129,29 +129,24 @@ def phase_operands(w, stride, pad, rh, rw):
     return bp, tap_groups(ty, tx)
 
 
-_cache: dict = {}
-
-
+@hooked
 def make_conv_backward_data(prologue=identity_prologue, epilogue=identity_epilogue):
     """3. One implicit GEMM per stride phase, `prologue` (on dy) and `epilogue` (on dx tiles)
     compiled in; memoized."""
-    key = (prologue, epilogue)
-    if key not in _cache:
-        igemm = make_igemm(prologue, epilogue)
+    igemm = make_igemm(prologue, epilogue)
 
-        def conv_backward_data_gemm(dy, w, dx, stride, pad, pro_args=(), epi_args=(),
-                                    ntasks=None, accumulate=False):
-            n, oh, ow, oc = dy.shape
-            _, H, W, ic = dx.shape
-            (yf, yps), (xf, xps) = pixels(dy), pixels(dx)
-            for rh in range(min(stride, H)):
-                for rw in range(min(stride, W)):
-                    bp, groups = phase_operands(w, stride, pad, rh, rw)
-                    igemm(yf, oh, ow, oc, yps, xf, n, H, W, ic, xps, accumulate, bp, 1, *groups,
-                          len(range(rh, H, stride)), len(range(rw, W, stride)), rh, rw, stride,
-                          pro_args, epi_args, ntasks or get_num_threads())
-        _cache[key] = conv_backward_data_gemm
-    return _cache[key]
+    def conv_backward_data_gemm(dy, w, dx, stride, pad, pro_args=(), epi_args=(),
+                                ntasks=None, accumulate=False):
+        n, oh, ow, oc = dy.shape
+        _, H, W, ic = dx.shape
+        (yf, yps), (xf, xps) = pixels(dy), pixels(dx)
+        for rh in range(min(stride, H)):
+            for rw in range(min(stride, W)):
+                bp, groups = phase_operands(w, stride, pad, rh, rw)
+                igemm(yf, oh, ow, oc, yps, xf, n, H, W, ic, xps, accumulate, bp, 1, *groups,
+                      len(range(rh, H, stride)), len(range(rw, W, stride)), rh, rw, stride,
+                      pro_args, epi_args, ntasks or get_num_threads())
+    return conv_backward_data_gemm
 
 
 def conv_backward_data(dy, w, dx, stride, pad):

@@ -46,26 +46,17 @@ from bnff.hooks.bnff_hooks import bn_relu_grad_prologue
 from bnff.kernels.conv.conv_bwd_data import make_conv_backward_data
 from bnff.kernels.conv.conv_bwd_weights import make_conv_backward_weights
 from bnff.kernels.conv.conv_common import (JB_FLOATS, conv_flops, from_ohwi, identity_epilogue,
-                                 identity_prologue, pixels, row_step, stable)
+                                 identity_prologue, pixels, row_step, hooked)
 from bnff.kernels.conv.conv_fwd import ConvForward
 from bnff.engine.gemm import KC, MR, NR, make_tile, pack_b, tile
 from bnff.kernels.stage import F32, Cost
 
 tile_t = make_tile(1, KC)  # A(r, k) = ap[r + k*KC]: the row-packed G block read transposed
 
-_cache: dict = {}
-
-
+@hooked
 def make_conv_backward_1x1(prologue_dy=identity_prologue, prologue_x=identity_prologue,
                            epilogue=identity_epilogue):
     """2. One pass, the three hooks compiled in; memoized."""
-    key = (prologue_dy, prologue_x, epilogue)
-    if key in _cache:
-        return _cache[key]
-    stable(prologue_dy)
-    stable(prologue_x)
-    stable(epilogue)
-
     @njit(parallel=True, fastmath=True, cache=True)
     def kernel(x1, xps, dy1, yps, dx1, dps, dw2, part, bw, N, H, W, OH, OW, s, acc, pdy_args,
                px_args, epi_args, nt):
@@ -186,7 +177,6 @@ def make_conv_backward_1x1(prologue_dy=identity_prologue, prologue_x=identity_pr
         kernel(xf, xps, yf, yps, df, dps, dw.reshape(OC, IC), part, bw, N, H, W, oh, ow, stride,
                accumulate, pdy_args, px_args, epi_args, nt)
 
-    _cache[key] = conv_backward_1x1
     return conv_backward_1x1
 
 
@@ -298,10 +288,12 @@ def main(argv=None):
     """Median ms and GFLOP/s of both variants per BENCH shape, without and with the bnff hooks;
     --check compares both with the float64 reference instead (run it first: it compiles)."""
     import argparse
-    import statistics
-    import time
+    from functools import partial
 
-    ap = argparse.ArgumentParser(prog="python -m bnff.kernels.conv.conv_bwd_fused", description=main.__doc__)
+    from bnff.measure.measurement import interleaved, median_min_max, seconds, validate
+
+    ap = argparse.ArgumentParser(prog="python -m bnff.kernels.conv.conv_bwd_fused",
+                                 description=main.__doc__)
     ap.add_argument("shapes", nargs="*", help=f"some of {', '.join(BENCH)} (default: all)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7)
@@ -316,29 +308,20 @@ def main(argv=None):
         for hooks in (False, True):
             st = ConvBackward1x1(dict(mb=args.batch, ic=ic, ih=hw, iw=hw, oc=oc, kh=1, kw=1,
                                       sh=s, ph=0), hooks)
-            ins, out = st.make_inputs(np.random.default_rng(0)), st.allocate_outputs()
-            if args.check:
-                ref = st.reference(ins)
-                for v in st.variants:
-                    out = {k: np.full_like(a, np.nan) for k, a in out.items()}
-                    t0 = time.perf_counter()
-                    st.run(v, ins, out)
-                    print(f"{st.descriptor()} {v}: first call {time.perf_counter() - t0:.2f} s, "
-                          f"max rel error {st.max_rel_error(out, ref):.2e}", flush=True)
+            ins = st.make_inputs(np.random.default_rng(0))
+            if args.check:  # each variant into fresh NaN outputs
+                first = seconds(lambda: validate(st, list(st.variants), ins))
+                print(f"{st.descriptor()}: every variant within tolerance, {first:.2f} s with "
+                      "compiles", flush=True)
                 continue
-            times = {v: [] for v in st.variants}
-            for v in st.variants:  # warm-up
-                st.run(v, ins, out)
-            for _ in range(args.reps):  # interleaved, so drift hits both alike
-                for v in st.variants:
-                    t0 = time.perf_counter()
-                    st.run(v, ins, out)
-                    times[v].append(time.perf_counter() - t0)
+            out = st.allocate_outputs()
+            times = interleaved({v: partial(st.run, v, ins, out) for v in st.variants},
+                                args.reps, max_rounds=args.reps)
             for v, ts in times.items():
-                med = statistics.median(ts)
+                med, lo, _ = median_min_max(ts)
                 c = st.cost(v)
                 print(f"{st.descriptor()} {v:11s} median {med * 1e3:8.2f} ms  min "
-                      f"{min(ts) * 1e3:8.2f} ms  {c.flops / med / 1e9:6.1f} GFLOP/s  "
+                      f"{lo * 1e3:8.2f} ms  {c.flops / med / 1e9:6.1f} GFLOP/s  "
                       f"{c.bytes / med / 1e9:5.1f} GB/s (model)", flush=True)
 
 

@@ -35,7 +35,8 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from bnff.kernels import reference as R
-from bnff.kernels.conv.conv_common import conv_flops, identity_prologue, pixels, stable, tap_groups
+from bnff.kernels.conv.conv_common import (conv_flops, hooked, identity_prologue, pixels,
+                                           tap_groups)
 from bnff.kernels.conv.conv_fwd import ConvForward
 from bnff.engine.gemm import KC, MC, MR, NR, tile_kmajor
 from bnff.engine.vec import W as W8, vload, vstore
@@ -117,18 +118,10 @@ def weight_taps(KH, KW, pad):
     return tap_groups(ty, tx)
 
 
-_cache: dict = {}
-
-
+@hooked
 def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identity_prologue):
     """3. Per-task BLIS GEMM dy^T @ im2col(x) with `prologue_x` and `prologue_dy` compiled in;
     memoized."""
-    key = (prologue_x, prologue_dy)
-    if key in _cache:
-        return _cache[key]
-    stable(prologue_x)
-    stable(prologue_dy)
-
     @njit(parallel=True, fastmath=True, cache=True)
     def wgemm(x1, N, H, W, IC, xps, dy1, OH, OW, OC, yps, dw, part, stride, gt, gl, gy, gx,
               px_args, pdy_args, nt):
@@ -254,7 +247,6 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
         wgemm(xf, n, h, w, IC, xps, yf, oh, ow, OC, yps, dw, part, stride,
               *weight_taps(KH, KW, pad), px_args, pdy_args, nt)
 
-    _cache[key] = conv_backward_weights_gemm
     return conv_backward_weights_gemm
 
 

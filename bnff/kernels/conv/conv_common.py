@@ -44,7 +44,11 @@ block buffer), read and written in place through `pixels` (flat view, pixel stri
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from numba import njit, prange
@@ -52,6 +56,7 @@ from numba.core.dispatcher import Dispatcher
 
 from bnff.engine.gemm import KC, MC, MR, NR, tile
 from bnff.engine.vec import W, vadd, vfma, vload, vstore, vwiden, vzero64
+from bnff.kernels.stage import F32
 
 JB_FLOATS = 32 * 1024  # B panel slices visited per row of tiles: 128 KiB, within L2
 
@@ -156,6 +161,48 @@ def channel_sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
     tile_sums(d, ldc, d, ldc, rows, mr, c0, nc, tid, args[0], args[1])
 
 
+@dataclass(frozen=True)
+class Hook:
+    """A hook as the lowering hands it to a conv kernel: its function (compiled in, signature
+    above), how the step's arrays are packed into the args tuple the function reads, and the
+    main-memory bytes it adds to the conv's. `reads_x`: the first array is the pre-BN tensor,
+    read beside the conv's own operand (one more pass over a tensor of the hooked operand's
+    shape). `sums`: the last two arrays are per-task float64 partial sums, zeroed before
+    every call."""
+
+    name: str
+    fn: object
+    pack: Callable = tuple
+    reads_x: bool = False
+    sums: bool = False
+
+    def args(self, arrays) -> tuple:
+        if self.sums:
+            for part in arrays[-2:]:
+                part[...] = 0.0
+        return self.pack(arrays)
+
+    def bytes(self, shape) -> int:
+        return int(np.prod(shape)) * F32 if self.reads_x else 0
+
+
+def flat_first(arrays) -> tuple:
+    """A prologue's second tensor indexed like its source: flat."""
+    return (arrays[0].reshape(-1),) + tuple(arrays[1:])
+
+
+def pixels_first(arrays) -> tuple:
+    """An epilogue's second tensor as (flat, pixel stride): a channel slice works in place."""
+    return pixels(arrays[0]) + tuple(arrays[1:])
+
+
+IDENTITY_PROLOGUE = Hook("identity", identity_prologue)
+IDENTITY_EPILOGUE = Hook("identity", identity_epilogue)
+BN_RELU = Hook("bn_relu", bn_relu_prologue)
+BN_GRAD = Hook("bn_grad", bn_grad_prologue, flat_first, reads_x=True)
+CHANNEL_SUMS = Hook("stats", channel_sums_epilogue, sums=True)
+
+
 def stable(hook):
     """Give a hook dispatcher a deterministic pickling identity (module, name, bytecode) so the
     kernels closing over it hit Numba's on-disk cache in a new process: Numba keys a cached
@@ -172,6 +219,26 @@ def stable(hook):
             if isinstance(f.__globals__.get(name), Dispatcher):
                 stable(f.__globals__[name])
     return hook
+
+
+def hooked(factory):
+    """The one memoizing factory of every hooked kernel: `factory(*hooks)` runs once per
+    combination of hook functions (defaults filled in, so make() and make(identity) are one
+    kernel), each hook made `stable` first so the kernel hits the disk cache; later calls
+    return the same kernel."""
+    sig, cache = inspect.signature(factory), {}
+
+    @functools.wraps(factory)
+    def make(*hooks, **named):
+        bound = sig.bind(*hooks, **named)
+        bound.apply_defaults()
+        key = tuple(bound.arguments.values())
+        if key not in cache:
+            for hook in key:
+                stable(hook)
+            cache[key] = factory(*key)
+        return cache[key]
+    return make
 
 
 # --- the implicit-GEMM engine --------------------------------------------------------------
@@ -215,17 +282,9 @@ def pack_b_rows(b, bp):
                 bp[jp, p, j] = b[d, p] if d < nd else 0.0
 
 
-_igemm_cache: dict = {}
-
-
+@hooked
 def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
     """The implicit-GEMM kernel with `prologue` / `epilogue` compiled in (memoized)."""
-    key = (prologue, epilogue)
-    if key in _igemm_cache:
-        return _igemm_cache[key]
-    stable(prologue)
-    stable(epilogue)
-
     @njit(parallel=True, fastmath=True, cache=True)
     def igemm(src1, SH, SW, CS, sps, dst1, nb_, DH, DW, CD, dps, acc, bp, ss, gt, gl, gy, gx,
               gh, gw, dy0, dx0, ds, pro_args, epi_args, nt):
@@ -312,5 +371,4 @@ def make_igemm(prologue=identity_prologue, epilogue=identity_epilogue):
                                 if last:
                                     epilogue(dst1, dps, rows, mr, jp * NR, nr, tid, epi_args)
 
-    _igemm_cache[key] = igemm
     return igemm

@@ -24,8 +24,9 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from bnff.kernels import reference as R
-from bnff.kernels.conv.conv_common import (conv_flops, from_ohwi, identity_epilogue, identity_prologue,
-                                 make_igemm, out_size, pack_b_rows, pixels, tap_groups)
+from bnff.kernels.conv.conv_common import (conv_flops, from_ohwi, hooked, identity_epilogue,
+                                           identity_prologue, make_igemm, out_size, pack_b_rows,
+                                           pixels, tap_groups)
 from bnff.engine.gemm import NR
 from bnff.kernels.stage import F32, Cost, Stage
 
@@ -101,24 +102,19 @@ def forward_operands(w, pad):
     return bp, tap_groups(ty, tx)
 
 
-_cache: dict = {}
-
-
+@hooked
 def make_conv_forward(prologue=identity_prologue, epilogue=identity_epilogue):
     """3. Implicit GEMM with `prologue` (on x) and `epilogue` (on y) compiled in; memoized."""
-    key = (prologue, epilogue)
-    if key not in _cache:
-        igemm = make_igemm(prologue, epilogue)
+    igemm = make_igemm(prologue, epilogue)
 
-        def conv_forward_gemm(x, w, y, stride, pad, pro_args=(), epi_args=(), ntasks=None):
-            bp, groups = forward_operands(w, pad)
-            n, h, wd, c = x.shape
-            _, oh, ow, oc = y.shape
-            (xf, xps), (yf, yps) = pixels(x), pixels(y)
-            igemm(xf, h, wd, c, xps, yf, n, oh, ow, oc, yps, False, bp, stride, *groups, oh, ow,
-                  0, 0, 1, pro_args, epi_args, ntasks or get_num_threads())
-        _cache[key] = conv_forward_gemm
-    return _cache[key]
+    def conv_forward_gemm(x, w, y, stride, pad, pro_args=(), epi_args=(), ntasks=None):
+        bp, groups = forward_operands(w, pad)
+        n, h, wd, c = x.shape
+        _, oh, ow, oc = y.shape
+        (xf, xps), (yf, yps) = pixels(x), pixels(y)
+        igemm(xf, h, wd, c, xps, yf, n, oh, ow, oc, yps, False, bp, stride, *groups, oh, ow,
+              0, 0, 1, pro_args, epi_args, ntasks or get_num_threads())
+    return conv_forward_gemm
 
 
 def conv_forward(x, w, y, stride, pad):

@@ -237,3 +237,96 @@ class ConcatBackward(_Concat):
         dy = np.moveaxis(inputs["dy"], 3, 1).astype(np.float64)
         parts = ref.concat_backward(dy, list(self.shape["ics"]))
         return {f"dx{k}": np.moveaxis(p, 1, 3) for k, p in enumerate(parts)}
+
+
+class _Slice(Stage):
+    """One input of a concatenation as the schedules run it, a step per input: shape keys
+    mb, ic (the input's channels), ih, iw, oc (the concatenation's), off (the input's first
+    channel in it). Each moves the input's elements once each way."""
+
+    examples = ("mb2ic16ih3iw5oc48off8", "mb1ic3ih4iw4oc7off4", "mb2ic32ih7iw7oc96off64")
+
+    def _nhwc(self, c):
+        s = self.shape
+        return (s["mb"], s["ih"], s["iw"], c)
+
+    def _rows(self, a):
+        return a.reshape(-1, a.shape[3])
+
+    def _slice(self, a):
+        s = self.shape
+        return a[..., s["off"]:s["off"] + s["ic"]]
+
+    def cost(self, variant):
+        n = self.shape["mb"] * self.shape["ih"] * self.shape["iw"] * self.shape["ic"] * F32
+        return Cost(flops=0, bytes_read=n, bytes_written=n)
+
+
+class ConcatCopyInto(_Slice):
+    """Input x; output y[..., off:off+ic] = x (the rest of y is not this step's)."""
+
+    name = "concat_copy_into"
+    variants = {"prange": copy_into}
+    default = "prange"
+
+    def make_inputs(self, rng):
+        return {"x": rng.standard_normal(self._nhwc(self.shape["ic"]), dtype=np.float32)}
+
+    def allocate_outputs(self):
+        y = np.empty(self._nhwc(self.shape["oc"]), np.float32)
+        return {"y": y, "y_slice": self._slice(y)}
+
+    def run(self, variant, inputs, outputs):
+        self.variants[variant](self._rows(inputs["x"]), self._rows(outputs["y"]),
+                               self.shape["off"])
+
+    def reference(self, inputs):
+        return {"y_slice": inputs["x"].astype(np.float64)}
+
+
+class ConcatCopyOut(_Slice):
+    """Input dy; output dx = dy[..., off:off+ic]."""
+
+    name = "concat_copy_out"
+    variants = {"prange": copy_out}
+    default = "prange"
+
+    def make_inputs(self, rng):
+        return {"dy": rng.standard_normal(self._nhwc(self.shape["oc"]), dtype=np.float32)}
+
+    def allocate_outputs(self):
+        return {"dx": np.empty(self._nhwc(self.shape["ic"]), np.float32)}
+
+    def run(self, variant, inputs, outputs):
+        self.variants[variant](self._rows(inputs["dy"]), self.shape["off"],
+                               self._rows(outputs["dx"]))
+
+    def reference(self, inputs):
+        return {"dx": self._slice(inputs["dy"]).astype(np.float64)}
+
+
+class ConcatAddOut(ConcatCopyOut):
+    """dx = dx0 + dy[..., off:off+ic], accumulated into a gradient other consumers wrote.
+    run copies dx0 into dx first (not in the cost: in a schedule dx already holds it); the
+    kernel reads dx besides the slice."""
+
+    name = "concat_add_out"
+    variants = {"prange": add_out}
+    default = "prange"
+
+    def make_inputs(self, rng):
+        i = super().make_inputs(rng)
+        i["dx0"] = rng.standard_normal(self._nhwc(self.shape["ic"]), dtype=np.float32)
+        return i
+
+    def run(self, variant, inputs, outputs):
+        np.copyto(outputs["dx"], inputs["dx0"])
+        super().run(variant, inputs, outputs)
+
+    def reference(self, inputs):
+        return {"dx": super().reference(inputs)["dx"] + inputs["dx0"]}
+
+    def cost(self, variant):
+        c = super().cost(variant)
+        n = c.bytes_read // F32
+        return Cost(flops=n, bytes_read=2 * n * F32, bytes_written=c.bytes_written)
