@@ -35,6 +35,13 @@ TIMED = dict(batch=4, image=224)
 CHECK = dict(batch=2, image=32)
 FAMILIES = ("conv", "bn", "elementwise", "pool", "linear_loss")
 SHAPE_OF_BN_INPUT = "bn_stats"  # stage whose chosen shape the unlisted BN passes take
+# Registered stages that no plan records (whole-concat stages, convs with BN hooks) and that do
+# not take a BN input's shape: DenseNet-121's first dense block at the run's size.
+DENSE_BLOCK = "mb{mb}ic64+32x6ih{s}iw{s}"
+DENSE_3X3 = "mb{mb}ic128ih{s}iw{s}oc32kh3kw3sh1ph1"
+UNPLANNED = {"concat_fwd": DENSE_BLOCK, "concat_bwd": DENSE_BLOCK,
+             "conv_fwd_bn_relu": DENSE_3X3, "conv_bwd_data_relu_sums": DENSE_3X3,
+             "conv_bwd_1x1": "mb{mb}ic256ih{s}iw{s}oc128kh1kw1sh1ph0_bn_relu_grad"}
 
 
 def family(cls) -> str:
@@ -75,8 +82,9 @@ def cases(batch: int, image: int) -> list:
     chosen = {}  # (name, descriptor) -> [Stage, [networks], count]
     for net, b in best.items():
         bn_shape = b[SHAPE_OF_BN_INPUT][0].shape
-        extra = [(_rebuild(cls, bn_shape), 1) for name, cls in registry.STAGES.items()
-                 if name not in listed]
+        extra = [(registry.make(name, UNPLANNED[name].format(mb=batch, s=image // 4))
+                  if name in UNPLANNED else _rebuild(cls, bn_shape), 1)
+                 for name, cls in registry.STAGES.items() if name not in listed]
         for st, count in list(b.values()) + extra:
             key = (st.name, st.descriptor())
             if key in chosen:
