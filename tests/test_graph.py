@@ -55,7 +55,8 @@ def test_defaults_are_filled_in():
         {"name": "c", "op": "conv2d", "inputs": ["input"], "out_channels": 4, "kernel": 3},
         {"name": "b", "op": "batchnorm", "inputs": ["c"]},
         {"name": "p", "op": "maxpool2d", "inputs": ["b"], "kernel": 2}]})
-    assert g.by_name["c"].attrs == {"out_channels": 4, "kernel": 3, "stride": 1, "padding": 0}
+    assert g.by_name["c"].attrs == {"out_channels": 4, "kernel": 3, "stride": 1, "padding": 0,
+                                     "bias": False}
     assert g.by_name["b"].attrs == {"eps": 1e-5, "momentum": 0.1}
     assert g.by_name["p"]["stride"] == 2
     assert g.infer_shapes(1, 9)["p"] == (1, 4, 3, 3)

@@ -16,6 +16,10 @@ The unfused BN sites, per schedule (x the conv output, y the BN output, z the Re
     baseline   one BN layer: statistics in one stable pass, then y = a * x + b with
                a = gamma * inv, b = beta - mean * a; ReLU in place. Backward: ReLU in place;
                BN backward as a reduction pass and a dx pass. Concat by copy.
+
+A conv's bias, in every schedule, is added in its forward epilogue; its gradient is one
+reduction pass over the conv's output gradient (or, under bnff, made from the sums of the BN
+the conv alone feeds: lower_bnff).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnff.lowering import ops
+from bnff.lowering import ops_bnff as fo
 from bnff.lowering.plan import RW, Plan, R, W
 from bnff.suites.graph import INPUT, Graph
 
@@ -83,7 +88,11 @@ class Lowering:
             self.step(n, "fwd", "relu", "forward", ops.relu_fwd_call(R(x), RW(n.name), shape))
             return
         p.tensor(n.name, shape)
-        if n.op == "conv2d":
+        if n.op == "conv2d" and n["bias"]:
+            self.step(n, "fwd +bias epilogue", "conv", "forward", fo.conv_fwd_fused_call(
+                R(x), R(f"{n.name}.weight"), W(n.name), xs, n, None, (),
+                *fo.with_bias(n, None, (), R(f"{n.name}.bias"))))
+        elif n.op == "conv2d":
             self.step(n, "fwd", "conv", "forward",
                       ops.conv_fwd_call(R(x), R(f"{n.name}.weight"), W(n.name), xs, n))
         elif n.op == "batchnorm":
@@ -167,6 +176,7 @@ class Lowering:
         x = n.inputs[0]
         dy, xs, shape = R(f"d:{n.name}"), self.shapes[x], self.shapes[n.name]
         if n.op == "conv2d":
+            self.bias_backward(n, dy)
             self.step(n, "bwd-weights", "conv", "backward",
                       ops.conv_bwd_weights_call(R(x), dy, W(f"grad:{n.name}.weight"), xs, n))
             if x != INPUT:
@@ -211,6 +221,12 @@ class Lowering:
                 W(f"grad:{n.name}.bias"), xs, shape))
         else:
             raise AssertionError(n.op)
+
+    def bias_backward(self, n, dy):
+        """A conv's bias gradient: one reduction pass over its output gradient dy."""
+        if n["bias"]:
+            self.step(n, "bias grad", "other", "backward", fo.bias_grad_call(
+                dy, W(f"grad:{n.name}.bias"), self.shapes[n.name]))
 
     def bn_backward(self, n, x, shape):
         dy, eps = R(f"d:{n.name}"), n["eps"]

@@ -15,15 +15,16 @@ from bnff.kernels.stage import F32, Cost
 
 
 def param_layout(op, shape):
-    return (shape[0], shape[2], shape[3], shape[1]) if op == "conv2d" else tuple(shape)
+    """Conv weights OHWI; everything else (a conv's bias too) as exported."""
+    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)
 
 
 def to_kernel_layout(op, a):
-    return conv_common.to_ohwi(a) if op == "conv2d" else np.asarray(a, np.float32)
+    return conv_common.to_ohwi(a) if np.ndim(a) == 4 else np.asarray(a, np.float32)
 
 
 def from_kernel_layout(op, a):
-    return conv_common.from_ohwi(a) if op == "conv2d" else a
+    return conv_common.from_ohwi(a) if a.ndim == 4 else a
 
 
 def dims(shape):

@@ -9,7 +9,8 @@ import numpy as np
 from bnff.lowering.ops import conv_shape, default_kernel, dims, on_view
 from bnff.kernels.bn import bn_fused, bn_scale, bn_stats
 from bnff.hooks import bnff_hooks
-from bnff.kernels.conv import conv_bwd_data, conv_bwd_fused, conv_bwd_weights, conv_common, conv_fwd
+from bnff.kernels.conv import (conv_bias, conv_bwd_data, conv_bwd_fused, conv_bwd_weights,
+                               conv_common, conv_fwd)
 from bnff.kernels.stage import F32, Cost
 
 
@@ -139,7 +140,8 @@ PROLOGUES = {None: conv_common.identity_prologue, "bn": bnff_hooks.bn_prologue,
              "bn_relu": conv_common.bn_relu_prologue, "bn_grad": conv_common.bn_grad_prologue,
              "bn_relu_grad": bnff_hooks.bn_relu_grad_prologue}
 EPILOGUES = {None: conv_common.identity_epilogue, "stats": conv_common.channel_sums_epilogue,
-             "relu_sums": bnff_hooks.relu_sums_epilogue, "sums": bnff_hooks.sums_epilogue}
+             "relu_sums": bnff_hooks.relu_sums_epilogue, "sums": bnff_hooks.sums_epilogue,
+             "bias": conv_common.bias_epilogue, "bias+stats": conv_common.bias_sums_epilogue}
 READS_X = ("bn_grad", "bn_relu_grad", "relu_sums", "sums")  # hooks reading the pre-BN tensor
 
 
@@ -158,17 +160,26 @@ def _hook_bytes(kind, shape):
     return int(np.prod(shape)) * F32 if kind in READS_X else 0
 
 
+def with_bias(node, epi, epi_args, bias):
+    """A forward epilogue with the conv's bias added first when the node has one: None ->
+    bias (args (bias,)), stats -> bias+stats (args (bias, s1, s2))."""
+    if not node["bias"]:
+        return epi, epi_args
+    return ("bias+stats" if epi == "stats" else "bias"), (bias,) + tuple(epi_args)
+
+
 def conv_fwd_fused_call(x, w, y, xs, node, pro, pro_args, epi, epi_args):
     """Conv forward with normalize(+ReLU) of its input in the prologue (pro_args = (a, b);
-    x is then the pre-BN tensor) and/or BN statistics of its output in the epilogue
-    (epi_args = per-task partial sums s1, s2, zeroed here)."""
+    x is then the pre-BN tensor) and/or in the epilogue the conv's bias (epi_args starting
+    with it, see with_bias) and BN statistics of its output (the per-task float64 partial
+    sums s1, s2, zeroed here)."""
     kernel = conv_fwd.make_conv_forward(PROLOGUES[pro], EPILOGUES[epi])
     _, cost = default_kernel(conv_fwd.ConvForward, conv_shape(xs, node))
     s, p, npro = node["stride"], node["padding"], len(pro_args)
 
     def fn(x, w, y, *hooks):
-        if epi:
-            for part in hooks[npro:]:
+        for part in hooks[npro:]:
+            if part.dtype == np.float64:
                 part[...] = 0.0
         kernel(x, w, y, s, p, _hook_args(pro, hooks[:npro]), _hook_args(epi, hooks[npro:]),
                numba.get_num_threads())
@@ -239,3 +250,17 @@ def conv_out_shape(xs, node):
     n, h, w, _ = xs
     o = lambda i: conv_common.out_size(i, node["kernel"], node["stride"], node["padding"])
     return (n, o(h), o(w), node["out_channels"])
+
+
+def bias_grad_call(dy, db, shape):
+    """A conv's bias gradient as one reduction pass over its output gradient dy."""
+    cost = conv_bias.ConvBiasBackward(dims(shape)).cost("prange")
+    return on_view(conv_bias.bias_grad, shape[3]), (dy, db), cost
+
+
+def bias_grad_bn_call(a, p, q, dbeta, mean, db, shape):
+    """A conv's bias gradient from the sums of the BN it alone feeds (conv_bias.bias_grad_bn),
+    when that BN's dx is formed in the conv's backward prologues and never written."""
+    m, c = int(np.prod(shape[:3])), shape[3]
+    fn = lambda a, p, q, dbeta, mean, db: conv_bias.bias_grad_bn(a, p, q, dbeta, mean, m, db)
+    return fn, (a, p, q, dbeta, mean, db), Cost(4 * c, 5 * c * F32, c * F32)

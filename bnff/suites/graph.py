@@ -3,8 +3,9 @@
 A graph is `{"name", "input_channels", "nodes": [...], "output"}`; the graph input is
 the tensor `input` [N, input_channels, S, S]; nodes come after their inputs. Each node is
 `{"name", "op", "inputs": [...], ...attributes}` with the ops and attributes of `OPS`.
-Parameters are `<node>.weight` / `<node>.bias`: conv weight [out, in, kh, kw] (no bias),
-batchnorm weight = gamma and bias = beta [C], linear weight [out, in] and bias [out].
+Parameters are `<node>.weight` / `<node>.bias`: conv weight [out, in, kh, kw] and, with
+`bias: true`, bias [out]; batchnorm weight = gamma and bias = beta [C]; linear weight
+[out, in] and bias [out].
 Shapes are NCHW, or [N, F] after `global_avgpool` and `linear`.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ class GraphError(ValueError):
 
 # op -> (number of inputs or None for two or more, required attributes, defaults)
 OPS = {
-    "conv2d": (1, ("out_channels", "kernel"), {"stride": 1, "padding": 0}),
+    "conv2d": (1, ("out_channels", "kernel"), {"stride": 1, "padding": 0, "bias": False}),
     "batchnorm": (1, (), {"eps": 1e-5, "momentum": 0.1}),
     "relu": (1, (), {}),
     "maxpool2d": (1, ("kernel",), {"stride": None, "padding": 0}),
@@ -82,6 +83,8 @@ def _node_from_dict(d: dict, index: int) -> Node:
             low = 0 if key == "padding" else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise GraphError(f"node {name}: '{key}' must be an integer >= {low}, got {v!r}")
+    if op == "conv2d" and not isinstance(attrs["bias"], bool):
+        raise GraphError(f"node {name}: 'bias' must be true or false, got {attrs['bias']!r}")
     if op == "batchnorm":
         for key in ("eps", "momentum"):
             if not isinstance(attrs[key], (int, float)) or attrs[key] < 0:
@@ -158,6 +161,8 @@ class Graph:
             cin = self.channels[n.inputs[0]] if n.inputs else None
             if n.op == "conv2d":
                 ps[f"{n.name}.weight"] = (n["out_channels"], cin, n["kernel"], n["kernel"])
+                if n["bias"]:
+                    ps[f"{n.name}.bias"] = (n["out_channels"],)
             elif n.op == "batchnorm":
                 ps[f"{n.name}.weight"] = (cin,)
                 ps[f"{n.name}.bias"] = (cin,)
