@@ -6,7 +6,7 @@ the tensor `input` [N, input_channels, S, S]; nodes come after their inputs. Eac
 Parameters are `<node>.weight` / `<node>.bias`: conv weight [out, in, kh, kw] and, with
 `bias: true`, bias [out]; batchnorm weight = gamma and bias = beta [C]; linear weight
 [out, in] and bias [out].
-Shapes are NCHW, or [N, F] after `global_avgpool` and `linear`.
+Shapes are NCHW, or [N, F] after `global_avgpool` and `linear` (a `relu` takes either).
 """
 from __future__ import annotations
 
@@ -204,7 +204,7 @@ class Graph:
     def _out_shape(n: Node, ins: list, channels_only: bool):
         x = ins[0]
         is4d = len(x) == 4 or x[0] == "4d"
-        if n.op not in ("linear",) and not is4d:
+        if n.op not in ("linear", "relu") and not is4d:
             raise GraphError(f"node {n.name}: {n.op} needs an [N, C, H, W] input, got {x}")
         if n.op == "linear":
             if is4d:
