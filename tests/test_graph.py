@@ -4,7 +4,6 @@ import json
 import pytest
 
 from bnff.suites import networks
-from bnff.suites.flops import network_flops
 from bnff.suites.graph import Graph, GraphError
 
 EXAMPLE = "bnff/suites/examples/vgg_residual.json"
@@ -17,12 +16,6 @@ def test_builtin_parameter_counts(name, params, convs):
     assert g.num_params() == params
     assert sum(n.op == "conv2d" for n in g.nodes) == convs
     assert g.infer_shapes(16, 224)[g.output] == (16, 1000)
-
-
-def test_builtin_flops_match_published_macs():
-    # torchvision lists 2.83 and 4.09 "GFLOPS" (multiply-adds) per 224x224 image
-    assert network_flops(networks.load("densenet121"), 1, 224)[0] / 2e9 == pytest.approx(2.83, rel=0.005)
-    assert network_flops(networks.load("resnet50"), 1, 224)[0] / 2e9 == pytest.approx(4.09, rel=0.005)
 
 
 def test_densenet_layer_sees_all_earlier_features():

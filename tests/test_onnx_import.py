@@ -123,6 +123,18 @@ def test_every_supported_op(tmp_path):
     assert g.infer_shapes(2, 16)["fc2"] == (2, 5)
 
 
+def test_flatten_of_a_spatial_map(tmp_path):
+    """VGG's classifier: the map flattened in NCHW order, its size fixed by the Gemm."""
+    m = Model()
+    path = m.save(tmp_path / "f.onnx", m.gemm(m.node("Flatten", ["x"], "fl", axis=1), 192, 5))
+    g = load_onnx(path)
+    assert g.by_name["fl"].to_dict() == {"name": "fl", "op": "flatten", "inputs": ["input"],
+                                         "size": 8}
+    assert g.infer_shapes(2, 8)["fl"] == (2, 192)
+    with pytest.raises(GraphError, match="flatten expects a 8x8 input, got 16x16"):
+        g.infer_shapes(2, 16)
+
+
 def refused(tmp_path, build, opset=17):
     m = Model()
     out = build(m)
@@ -153,8 +165,12 @@ CASES = [
                              pads=[1, 1, 1, 1]), 3), r"node ap \(AveragePool\): padding 1"),
     (lambda m: m.head(m.node("Concat", ["x", "x"], "c", axis=2), 3),
      r"node c \(Concat\): axis 2 is not the channel axis"),
-    (lambda m: m.gemm(m.node("Flatten", ["x"], "fl", axis=1), 192, 5),
-     r"node fl \(Flatten\): only the flattening of a global average pool"),
+    (lambda m: m.gemm(m.node("Flatten", ["x"], "fl", axis=2), 192, 5),
+     r"node fl \(Flatten\): only the flattening of \[N, C, H, W\] to \[N, C\*H\*W\]"),
+    (lambda m: m.gemm(m.node("Flatten", ["x"], "fl", axis=1), 150, 5),
+     r"node fl \(Flatten\): 150 features of the layer reading it are not 3 channels"),
+    (lambda m: m.gemm(m.node("Relu", [m.node("Flatten", ["x"], "fl", axis=1)]), 192, 5),
+     r"node fl \(Flatten\): flattens a spatial map for something other than one Gemm"),
     (active_dropout, r"node dr \(Dropout\): an active dropout \(ratio 0.5, training mode\)"),
     (lambda m: m.gemm(m.node("Flatten", [m.node("GlobalAveragePool", ["x"])]), 3, 5, alpha=2.0),
      r"node fc \(Gemm\): only Y = A \* B"),

@@ -12,7 +12,7 @@ def add_parser(sub) -> None:
         "import", help="convert an ONNX model into a JSON graph",
         description="Convert an ONNX model (e.g. from torch.onnx.export) into this suite's JSON "
                     "graph. Supported ONNX ops: " + ", ".join(SUPPORTED) + " (Flatten and "
-                    "Reshape only after a global average pool, Dropout only when inactive). "
+                    "Reshape only to [N, C*H*W], Dropout only when inactive). "
                     "Anything else is refused, naming the node. Every command taking NET also "
                     "reads a .onnx path directly; the image size stays --image.")
     p.add_argument("model", metavar="MODEL.onnx", help="the ONNX model")

@@ -55,6 +55,8 @@ from bnff.kernels.bn.bn_normalize import BNNormalize
 from bnff.kernels.bn.bn_fused import BN2AddReLU, BNAddReLU, BNDx, BNReLU, BNReLUDx, ReLUMaskSums
 from bnff.kernels.bn.bn_stats import BNStats
 from bnff.kernels.elementwise.concat import ConcatBackward, ConcatForward
+from bnff.kernels.elementwise.flatten import FlattenBackward, FlattenForward
+from bnff.kernels.conv.conv_bias import ConvBiasBackward
 from bnff.kernels.conv.conv_bwd_fused import ConvBackward1x1
 from bnff.kernels.conv.conv_fused import ConvBwdDataReLUSums, ConvFwdBNReLU
 from bnff.kernels.linear import LinearBackward, LinearForward
@@ -113,7 +115,7 @@ def stages_of(graph, batch: int, image: int) -> list:
             found[key] = [st, 1]
 
     def act(name):
-        n, c, h, w = shapes[name]
+        n, c, h, w = shapes[name] if len(shapes[name]) == 4 else shapes[name] + (1, 1)
         return dict(mb=n, ic=c, ih=h, iw=w)
 
     for node in graph.nodes:
@@ -131,6 +133,8 @@ def stages_of(graph, batch: int, image: int) -> list:
                 add(ConvBwdDataReLUSums, shape)
             if node["kernel"] == 1 and node["padding"] == 0 and x != INPUT:
                 add(HOOKED_1X1, shape)
+            if node["bias"]:
+                add(ConvBiasBackward, act(node.name))
         elif node.op == "batchnorm":
             if shapes[x][0] * shapes[x][2] * shapes[x][3] == 1:
                 raise UserError(f"node {node.name}: training-mode batch norm needs more than one "
@@ -153,6 +157,9 @@ def stages_of(graph, batch: int, image: int) -> list:
         elif node.op == "global_avgpool":
             add(GlobalAvgPoolForward, act(x))
             add(GlobalAvgPoolBackward, act(x))
+        elif node.op == "flatten":
+            add(FlattenForward, act(x))
+            add(FlattenBackward, act(x))
         elif node.op == "concat":
             n, _, h, w = shapes[node.name]
             shape = dict(mb=n, ics=tuple(shapes[i][1] for i in node.inputs), ih=h, iw=w)

@@ -159,6 +159,15 @@ def global_avgpool_backward(dy, x_shape):
     return np.broadcast_to(dy[:, :, None, None] / (h * w), x_shape).copy()
 
 
+def flatten_forward(x):
+    """[N, C, H, W] -> [N, C*H*W]."""
+    return x.reshape(x.shape[0], -1)
+
+
+def flatten_backward(dy, x_shape):
+    return dy.reshape(x_shape)
+
+
 # --- linear and loss -----------------------------------------------------------------------
 
 def linear_forward(x, w, b):

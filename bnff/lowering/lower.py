@@ -107,6 +107,8 @@ class Lowering:
             self.step(n, "fwd", "pool", "forward", ops.avgpool_fwd_call(R(x), W(n.name), xs, n))
         elif n.op == "global_avgpool":
             self.step(n, "fwd", "pool", "forward", ops.gap_fwd_call(R(x), W(n.name), xs))
+        elif n.op == "flatten":
+            self.step(n, "fwd", "other", "forward", ops.flatten_fwd_call(R(x), W(n.name), xs))
         elif n.op == "concat":
             off = 0
             for i in n.inputs:
@@ -200,6 +202,8 @@ class Lowering:
                             lambda d, acc: ops.avgpool_bwd_call(dy, d, xs, n))
         elif n.op == "global_avgpool":
             self.contribute(n, "bwd", "pool", x, lambda d, acc: ops.gap_bwd_call(dy, d, xs))
+        elif n.op == "flatten":
+            self.contribute(n, "bwd", "other", x, lambda d, acc: ops.flatten_bwd_call(dy, d, xs))
         elif n.op == "concat":
             off = 0
             for i in n.inputs:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnff.kernels.elementwise import add, concat, relu
+from bnff.kernels.elementwise import add, concat, flatten, relu
 from bnff.kernels.bn import bn_backward, bn_normalize, bn_scale, bn_stats
 from bnff.kernels.conv import conv_bwd_data, conv_bwd_weights, conv_common, conv_fwd
 from bnff.kernels import linear, loss, pool
@@ -176,6 +176,16 @@ def gap_fwd_call(x, y, xs):
 
 def gap_bwd_call(dy, dx, xs):
     fn, cost = default_kernel(pool.GlobalAvgPoolBackward, dims(xs))
+    return fn, (dy, dx), cost
+
+
+def flatten_fwd_call(x, y, xs):
+    fn, cost = default_kernel(flatten.FlattenForward, dims(xs))
+    return fn, (x, y), cost
+
+
+def flatten_bwd_call(dy, dx, xs):
+    fn, cost = default_kernel(flatten.FlattenBackward, dims(xs))
     return fn, (dy, dx), cost
 
 

@@ -27,6 +27,8 @@ def _forward(n, xs, params):
         return R.avgpool2d_forward(x, a["kernel"], a["stride"]), None
     if n.op == "global_avgpool":
         return R.global_avgpool_forward(x), None
+    if n.op == "flatten":
+        return R.flatten_forward(x), None
     if n.op == "concat":
         return R.concat_forward(xs), None
     if n.op == "add":
@@ -58,6 +60,8 @@ def _backward(n, dy, xs, cache, params, grads):
         return [R.avgpool2d_backward(dy, x.shape, a["kernel"], a["stride"])]
     if n.op == "global_avgpool":
         return [R.global_avgpool_backward(dy, x.shape)]
+    if n.op == "flatten":
+        return [R.flatten_backward(dy, x.shape)]
     if n.op == "concat":
         return R.concat_backward(dy, [t.shape[1] for t in xs])
     if n.op == "add":

@@ -6,7 +6,10 @@ the tensor `input` [N, input_channels, S, S]; nodes come after their inputs. Eac
 Parameters are `<node>.weight` / `<node>.bias`: conv weight [out, in, kh, kw] and, with
 `bias: true`, bias [out]; batchnorm weight = gamma and bias = beta [C]; linear weight
 [out, in] and bias [out].
-Shapes are NCHW, or [N, F] after `global_avgpool` and `linear` (a `relu` takes either).
+Shapes are NCHW, or [N, F] after `global_avgpool`, `flatten` and `linear` (a `relu` takes
+either). `flatten` turns an [N, C, size, size] input into [N, C*size*size] in NCHW order; its
+`size` is fixed so that the features, and the parameters of the linear layer reading them, do
+not depend on the image size (the input must be size x size, else a GraphError).
 """
 from __future__ import annotations
 
@@ -28,11 +31,12 @@ OPS = {
     "maxpool2d": (1, ("kernel",), {"stride": None, "padding": 0}),
     "avgpool2d": (1, ("kernel",), {"stride": None}),
     "global_avgpool": (1, (), {}),
+    "flatten": (1, ("size",), {}),
     "concat": (None, (), {}),
     "add": (2, (), {}),
     "linear": (1, ("out_features",), {}),
 }
-_INT_ATTRS = ("out_channels", "kernel", "stride", "padding", "out_features")
+_INT_ATTRS = ("out_channels", "kernel", "stride", "padding", "out_features", "size")
 
 
 @dataclass
@@ -213,6 +217,12 @@ class Graph:
             return ("2d", n["out_features"]) if channels_only else (x[0], n["out_features"])
         if n.op == "global_avgpool":
             return ("2d", x[1]) if channels_only else (x[0], x[1])
+        if n.op == "flatten":
+            size = n["size"]
+            if not channels_only and (x[2], x[3]) != (size, size):
+                raise GraphError(f"node {n.name}: flatten expects a {size}x{size} input, got "
+                                 f"{x[2]}x{x[3]}; choose the --image that gives it")
+            return ("2d", x[1] * size * size) if channels_only else (x[0], x[1] * size * size)
         if n.op == "concat":
             if not all(len(s) == 4 or s[0] == "4d" for s in ins):
                 raise GraphError(f"node {n.name}: concat inputs must all be [N, C, H, W]")

@@ -7,10 +7,12 @@ from functools import partial
 from bnff.suites.densenet import BLOCKS as DENSENETS, densenet
 from bnff.suites.graph import Graph, GraphError, load_json
 from bnff.suites.resnet import STAGES as RESNETS, resnet
+from bnff.suites.vgg import vgg
 
 BUILTIN = {
     **{name: partial(densenet, name) for name in DENSENETS},
     **{name: partial(resnet, name) for name in RESNETS},
+    "vgg16_bn": vgg,
 }
 
 

@@ -3,7 +3,7 @@
 Each graph op becomes the ONNX op onnx_import maps onto it: conv2d -> Conv, batchnorm ->
 BatchNormalization (training mode; running mean and var `<node>.running_mean` / `.running_var`
 as PyTorch names them), relu -> Relu, maxpool2d -> MaxPool, avgpool2d -> AveragePool,
-global_avgpool -> GlobalAveragePool + Flatten, concat -> Concat (axis 1), add -> Add,
+global_avgpool -> GlobalAveragePool + Flatten, flatten -> Flatten, concat -> Concat (axis 1), add -> Add,
 linear -> Gemm (transB = 1). Nodes and parameters keep their names. With params the
 parameters are initializers holding those values; without, they are graph inputs with static
 shapes (a structure-only model: a ResNet-152 in kilobytes, not 240 MB).
@@ -59,6 +59,8 @@ def to_onnx(graph: Graph, params: dict = None, image: int = None):
             nodes.append(h.make_node("GlobalAveragePool", x, [f"{n.name}:nchw"], n.name))
             nodes.append(h.make_node("Flatten", [f"{n.name}:nchw"], [n.name], f"{n.name}.flatten",
                                      axis=1))
+        elif n.op == "flatten":
+            nodes.append(h.make_node("Flatten", x, [n.name], n.name, axis=1))
         elif n.op == "concat":
             nodes.append(h.make_node("Concat", x, [n.name], n.name, axis=1))
         elif n.op == "add":

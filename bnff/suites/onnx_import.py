@@ -15,8 +15,8 @@ Supported, each mapped onto one graph op (or onto nothing):
     Add                       add of two tensors; an Add of a constant after a MatMul is the
                               linear's bias
     Gemm, MatMul + Add        linear (alpha = beta = 1, a constant weight and bias)
-    Flatten, Reshape          nothing, where they only turn the [N, C, 1, 1] output of a
-                              global average pool into [N, C]
+    Flatten, Reshape          [N, C, H, W] -> [N, C*H*W]: nothing after a global average
+                              pool, else flatten (H = W fixed by the linear layer reading it)
     Dropout, Identity         nothing: passed through (a Dropout only when it is inactive:
                               ratio 0 or not in training mode)
 
@@ -351,18 +351,39 @@ class _Importer:
             self.value[add.output[0]] = self.value[n.output[0]]
 
     def reshape(self, n, a):
-        """Flatten / Reshape: only [N, C, 1, 1] (a global average pool's output) -> [N, C]."""
+        """Flatten / Reshape of [N, C, H, W] to [N, C*H*W]: nothing after a global average
+        pool ([N, C, 1, 1]), else a flatten whose size (H = W) is the one the linear layer
+        reading it takes (its input features / C, a square)."""
         x = self.src(n)
         if n.op_type == "Flatten":
             ok = a.get("axis", 1) == 1
         else:
             shape = [int(v) for v in np.asarray(self.const(n, n.input[1])).reshape(-1)]
-            ok = len(shape) == 2 and shape[1] in (-1, self.channels[x])
-        if self.kind[x] == "4d" or not ok:
-            self.refuse(n, "only the flattening of a global average pool's [N, C, 1, 1] "
-                           "output to [N, C] is supported")
-        self.kind[x] = "2d"
-        self.set_output(n, x)
+            ok = len(shape) == 2 and shape[0] in (0, -1) and shape[1] == -1 or \
+                len(shape) == 2 and self.kind[x] != "4d" and shape[1] == self.channels[x]
+        if self.kind[x] == "2d" or not ok:
+            self.refuse(n, "only the flattening of [N, C, H, W] to [N, C*H*W] is supported")
+        if self.kind[x] == "pooled":
+            self.kind[x] = "2d"
+            self.set_output(n, x)
+            return
+        size = self.flatten_size(n, x)
+        self.emit(n, "flatten", [x], "2d", self.channels[x] * size * size, size=size)
+
+    def flatten_size(self, n, x):
+        rs = self.readers.get(n.output[0], [])
+        r = rs[0] if len(rs) == 1 else None
+        if r is None or r.op_type not in ("Gemm", "MatMul") or r.input[0] != n.output[0]:
+            self.refuse(n, "flattens a spatial map for something other than one Gemm or "
+                           "MatMul; its size is fixed by that layer's weight")
+        w = self.param_shape(r, r.input[1])
+        features = w[1] if r.op_type == "Gemm" and self.attrs(r).get("transB", 0) else w[0]
+        c = self.channels[x]
+        size = int(round((features / c) ** 0.5))
+        if size * size * c != features:
+            self.refuse(n, f"{features} features of the layer reading it are not {c} "
+                           "channels times a square map")
+        return size
 
     def passthrough(self, n, a):
         if n.op_type == "Dropout":
