@@ -16,15 +16,19 @@ from bnff.kernels.stage import F32, Cost
 
 def param_layout(op, shape):
     """Conv weights OHWI; everything else (a conv's bias too) as exported."""
-    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)
+    if op == "conv2d" and len(shape) == 4:
+        return (shape[0], shape[2], shape[3], shape[1])
+    return tuple(shape)
 
 
 def to_kernel_layout(op, a):
-    return conv_common.to_ohwi(a) if np.ndim(a) == 4 else np.asarray(a, np.float32)
+    if op == "conv2d" and np.ndim(a) == 4:
+        return conv_common.to_ohwi(a)
+    return np.asarray(a, np.float32)
 
 
 def from_kernel_layout(op, a):
-    return conv_common.from_ohwi(a) if a.ndim == 4 else a
+    return conv_common.from_ohwi(a) if op == "conv2d" and a.ndim == 4 else a
 
 
 def dims(shape):
