@@ -1,11 +1,10 @@
 """DenseNet-121, -169 and -201 (Huang et al. 2017; torchvision's densenet121/169/201): growth
-32, blocks 6-12-24-16, 6-12-32-32 and 6-12-48-32, bottleneck width 4x growth, compression 0.5. Each dense layer is
-BN-ReLU-conv1x1(128)-BN-ReLU-conv3x3(32) on the concatenation of the block input and
-all earlier layers' outputs; transitions are BN-ReLU-conv1x1-avgpool 2x2/2."""
+32, blocks 6-12-24-16, 6-12-32-32 and 6-12-48-32, bottleneck width 4x growth, compression
+0.5. Each dense layer is BN-ReLU-conv1x1(128)-BN-ReLU-conv3x3(32) on the concatenation of the
+block input and all earlier layers' outputs; transitions are BN-ReLU-conv1x1-avgpool 2x2/2."""
 from __future__ import annotations
 
 from bnff.suites.graph import Builder, Graph
-
 
 BLOCKS = {"densenet121": (6, 12, 24, 16), "densenet169": (6, 12, 32, 32),
           "densenet201": (6, 12, 48, 32)}

@@ -3,8 +3,8 @@
 Each graph op becomes the ONNX op onnx_import maps onto it: conv2d -> Conv, batchnorm ->
 BatchNormalization (training mode; running mean and var `<node>.running_mean` / `.running_var`
 as PyTorch names them), relu -> Relu, maxpool2d -> MaxPool, avgpool2d -> AveragePool,
-global_avgpool -> GlobalAveragePool + Flatten, flatten -> Flatten, concat -> Concat (axis 1), add -> Add,
-linear -> Gemm (transB = 1). Nodes and parameters keep their names. With params the
+global_avgpool -> GlobalAveragePool + Flatten, flatten -> Flatten, concat -> Concat (axis 1),
+add -> Add, linear -> Gemm (transB = 1). Nodes and parameters keep their names. With params the
 parameters are initializers holding those values; without, they are graph inputs with static
 shapes (a structure-only model: a ResNet-152 in kilobytes, not 240 MB).
 """

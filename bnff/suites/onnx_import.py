@@ -279,8 +279,8 @@ class _Importer:
         for i in n.input[1:5]:
             if self.param_shape(n, i) != (c,):
                 self.refuse(n, f"{i!r} is not a [{c}] vector")
-        self.emit(n, "batchnorm", [x], "4d", c, tuple(n.input[1:3]), eps=_f32(a.get("epsilon", 1e-5)),
-                  momentum=_f32(1.0 - _f32(a.get("momentum", 0.9))))
+        self.emit(n, "batchnorm", [x], "4d", c, tuple(n.input[1:3]),
+                  eps=_f32(a.get("epsilon", 1e-5)), momentum=_f32(1.0 - _f32(a.get("momentum", 0.9))))
 
     def pool(self, n, a):
         x = self.src(n)
