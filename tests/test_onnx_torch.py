@@ -18,9 +18,10 @@ from bnff.suites.onnx_import import load_onnx_with_params  # noqa: E402
 
 BATCH, IMAGE = 8, 32
 # float32 schedules against float64 autograd on this 18-layer network at batch 8, 32x32:
-# measured 7.5e-6 to 8.2e-6 for all six (largest relative gradient difference), loss 2e-7.
-# The framework's order and the paper's are run here (a few seconds each); every schedule is
-# checked against the reference on other graphs (test_schedules, test_conv_bias).
+# measured 7.5e-6 to 8.2e-6 for all six (largest relative gradient difference), loss 2e-7
+# (at batch 4, 2.6e-3: layer4's BN then normalizes over 4 values). The paper's schedule is run
+# here (seconds each); every schedule is checked against the reference on other graphs
+# (test_schedules, test_conv_bias, test_networks).
 TOL = 1e-4
 
 
@@ -102,7 +103,7 @@ def test_imports_with_pytorch_parameters(exported):
                for k, v in params.items())
 
 
-@pytest.mark.parametrize("schedule", ["reference", "baseline", "bnff"])
+@pytest.mark.parametrize("schedule", ["reference", "bnff"])
 def test_same_loss_and_gradients_as_autograd(exported, schedule):
     path, _, x, labels, torch_loss, torch_grads = exported
     graph, params = load_onnx_with_params(path)
