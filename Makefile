@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 		{ echo "bnff-bench needs Python 3.10 or newer; set PYTHON=/path/to/python3.x"; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test,plot]'
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,plot,onnx]'
 	touch $(STAMP)
 
 bench: $(STAMP)

@@ -21,4 +21,4 @@ def test_hooks_pickle_the_same_in_every_process():
     run = lambda: subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                                  check=True).stdout
     first = run()
-    assert len(first.splitlines()) == 9 and first == run()
+    assert len(first.splitlines()) == 11 and first == run()

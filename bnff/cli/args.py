@@ -53,7 +53,8 @@ def thread_list(text: str) -> list:
 def add_network_args(p: argparse.ArgumentParser, batch: int = 16, image: int = 224,
                      optional: bool = False) -> None:
     p.add_argument("network", metavar="NET", nargs="?" if optional else None,
-                   help="built-in network (see `bnff networks`) or path to a .json graph")
+                   help="built-in network (see `bnff networks`), or path to a .json graph or "
+                        "a .onnx model")
     p.add_argument("--batch", type=positive_int, default=batch, help=f"mini-batch (default {batch})")
     p.add_argument("--image", type=positive_int, default=image,
                    help=f"input height and width (default {image})")

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
                     "(network, schedule, threads, stage) and one `iteration` row, and print "
                     "speedups, bytes, peak memory and the time breakdown by kind.")
     p.add_argument("networks", nargs="+", metavar="NET",
-                   help="built-in network names or paths to .json graphs")
+                   help="built-in network names, or paths to .json graphs or .onnx models")
     p.add_argument("--batch", type=positive_int, default=16, help="mini-batch (default 16)")
     p.add_argument("--image", type=positive_int, default=224, help="image size (default 224)")
     p.add_argument("--threads", type=thread_list, default=thread_list("all"),

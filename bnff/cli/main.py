@@ -11,6 +11,7 @@ from bnff.suites.graph import GraphError
 
 COMMANDS = [
     "bnff.cli.show",
+    "bnff.cli.import_onnx",
     "bnff.cli.check",
     "bnff.cli.roofline",
     "bnff.cli.micro",

@@ -36,9 +36,16 @@ def _windows(x, kh, kw, stride, padding, value=0.0):
 
 # --- conv2d ------------------------------------------------------------------------------
 
-def conv2d_forward(x, w, stride=1, padding=0):
+def conv2d_forward(x, w, stride=1, padding=0, bias=None):
+    """y = conv(x, w) (+ bias[o] on every output pixel of channel o)."""
     cols = _windows(x, w.shape[2], w.shape[3], stride, padding)
-    return np.einsum("ncpqij,ocij->nopq", cols, w, optimize=True)
+    y = np.einsum("ncpqij,ocij->nopq", cols, w, optimize=True)
+    return y if bias is None else y + bias[None, :, None, None]
+
+
+def conv2d_bias_backward(dy):
+    """dbias[o] = sum of dy over batch and pixels."""
+    return dy.sum(axis=(0, 2, 3))
 
 
 def conv2d_backward(dy, x, w, stride=1, padding=0):
@@ -150,6 +157,15 @@ def global_avgpool_forward(x):
 def global_avgpool_backward(dy, x_shape):
     n, c, h, w = x_shape
     return np.broadcast_to(dy[:, :, None, None] / (h * w), x_shape).copy()
+
+
+def flatten_forward(x):
+    """[N, C, H, W] -> [N, C*H*W]."""
+    return x.reshape(x.shape[0], -1)
+
+
+def flatten_backward(dy, x_shape):
+    return dy.reshape(x_shape)
 
 
 # --- linear and loss -----------------------------------------------------------------------

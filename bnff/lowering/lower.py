@@ -17,12 +17,17 @@ The unfused BN sites, per schedule (x the conv output, y the BN output, z the Re
     baseline   one BN layer: statistics in one stable pass, then y = a * x + b with
                a = gamma * inv, b = beta - mean * a; ReLU in place. Backward: ReLU in place;
                BN backward as a reduction pass and a dx pass. Concat by copy.
+
+A conv's bias, in every schedule, is added in its forward epilogue; its gradient is one
+reduction pass over the conv's output gradient (or, under bnff, made from the sums of the BN
+the conv alone feeds: lower_bnff).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from bnff.lowering import ops
+from bnff.lowering import ops_bnff as fo
 from bnff.lowering.plan import RW, Plan, R, W
 from bnff.lowering.schedules import Schedule
 from bnff.suites.graph import INPUT, Graph
@@ -73,7 +78,11 @@ class Lowering:
             self.step(n, "fwd", "relu", "forward", ops.relu_fwd_call(R(x), RW(n.name), shape))
             return
         p.tensor(n.name, shape)
-        if n.op == "conv2d":
+        if n.op == "conv2d" and n["bias"]:
+            self.step(n, "fwd +bias epilogue", "conv", "forward", fo.conv_fwd_fused_call(
+                R(x), R(f"{n.name}.weight"), W(n.name), xs, n, None, (),
+                *fo.with_bias(n, None, (), R(f"{n.name}.bias"))))
+        elif n.op == "conv2d":
             self.step(n, "fwd", "conv", "forward",
                       ops.conv_fwd_call(R(x), R(f"{n.name}.weight"), W(n.name), xs, n))
         elif n.op == "batchnorm":
@@ -88,6 +97,8 @@ class Lowering:
             self.step(n, "fwd", "pool", "forward", ops.avgpool_fwd_call(R(x), W(n.name), xs, n))
         elif n.op == "global_avgpool":
             self.step(n, "fwd", "pool", "forward", ops.gap_fwd_call(R(x), W(n.name), xs))
+        elif n.op == "flatten":
+            self.step(n, "fwd", "other", "forward", ops.flatten_fwd_call(R(x), W(n.name), xs))
         elif n.op == "concat":
             off = 0
             for i in n.inputs:
@@ -157,6 +168,7 @@ class Lowering:
         x = n.inputs[0]
         dy, xs, shape = R(f"d:{n.name}"), self.shapes[x], self.shapes[n.name]
         if n.op == "conv2d":
+            self.bias_backward(n, dy)
             self.step(n, "bwd-weights", "conv", "backward",
                       ops.conv_bwd_weights_call(R(x), dy, W(f"grad:{n.name}.weight"), xs, n))
             if x != INPUT:
@@ -180,6 +192,8 @@ class Lowering:
                             lambda d, acc: ops.avgpool_bwd_call(dy, d, xs, n))
         elif n.op == "global_avgpool":
             self.contribute(n, "bwd", "pool", x, lambda d, acc: ops.gap_bwd_call(dy, d, xs))
+        elif n.op == "flatten":
+            self.contribute(n, "bwd", "other", x, lambda d, acc: ops.flatten_bwd_call(dy, d, xs))
         elif n.op == "concat":
             off = 0
             for i in n.inputs:
@@ -201,6 +215,12 @@ class Lowering:
                 W(f"grad:{n.name}.bias"), xs, shape))
         else:
             raise AssertionError(n.op)
+
+    def bias_backward(self, n, dy):
+        """A conv's bias gradient: one reduction pass over its output gradient dy."""
+        if n["bias"]:
+            self.step(n, "bias grad", "other", "backward", fo.bias_grad_call(
+                dy, W(f"grad:{n.name}.bias"), self.shapes[n.name]))
 
     def bn_backward(self, n, x, shape):
         dy, eps = R(f"d:{n.name}"), n["eps"]

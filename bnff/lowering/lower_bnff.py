@@ -126,7 +126,7 @@ class SplitLowering(Lowering):
         if s is not None and s.consumer is n and self.norm_in_prologue(s):
             src, pro = s.x, (BN_RELU if s.relu else BN)
             pro_args = (R(self.vec(s, "a")), R(self.vec(s, "b")))
-        epi, epi_args = self.forward_epilogue(n)
+        epi, epi_args = fo.with_bias(n, *self.forward_epilogue(n), R(f"{n.name}.bias"))
         self.declare_output(n)
         self.step(n, "fwd" + (f" +{pro.name} prologue" if pro else "") +
                   (f" +{epi.name} epilogue" if epi else ""), "conv", "forward",
@@ -208,6 +208,10 @@ class SplitLowering(Lowering):
         x, xs = n.inputs[0], self.shapes[n.inputs[0]]
         dy, pro_dy, pdy_args = self.grad_operand(n)
         src, pro_x, px_args = self.input_operand(n)
+        if pro_dy is None:
+            self.bias_backward(n, dy)
+        elif n["bias"]:
+            self.bias_backward_from_bn(n)
         if self.schedule.fuse_backward and n["kernel"] == 1 and n["padding"] == 0 and x != INPUT:
             return self.conv_backward_1x1(n, dy, pro_dy, pdy_args, src, pro_x, px_args)
         self.step(n, "bwd-weights", "conv", "backward", fo.conv_bwd_weights_fused_call(
@@ -224,6 +228,14 @@ class SplitLowering(Lowering):
         self.contribute(n, "bwd-data", "conv", x, lambda d, acc: fo.conv_bwd_data_fused_call(
             dy, R(f"{n.name}.weight"), d, xs, n, pro_dy, pdy_args, None, (), acc),
             native=self.schedule.conv_data_native)
+
+    def bias_backward_from_bn(self, n):
+        """The bias gradient of a conv whose output gradient is the dx of the BN it alone
+        feeds, formed in the conv's prologues and never written: from that BN's sums."""
+        t = self.by_x[n.name]
+        self.step(n, "bias grad from BN sums", "other", "backward", fo.bias_grad_bn_call(
+            *(R(self.vec(t, v)) for v in ("ga", "gp", "gq")), R(f"grad:{t.bn.name}.bias"),
+            R(self.vec(t, "mean")), W(f"grad:{n.name}.bias"), self.shapes[n.name]))
 
     def conv_backward_1x1(self, n, dy, pro_dy, pdy_args, src, pro_x, px_args):
         """Both gradients of a 1x1 conv in one pass over dy (bnff/kernels/conv/conv_bwd_fused.py): dy

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bnff.kernels.elementwise import add, concat, relu
+from bnff.kernels.elementwise import add, concat, flatten, relu
 from bnff.kernels.bn import bn_backward, bn_normalize, bn_scale, bn_stats
 from bnff.kernels.conv import conv_bwd_data, conv_bwd_weights, conv_common, conv_fwd
 from bnff.kernels import linear, loss, pool
@@ -17,15 +17,20 @@ from bnff.lowering.plan import StageCall
 
 
 def param_layout(op, shape):
-    return (shape[0], shape[2], shape[3], shape[1]) if op == "conv2d" else tuple(shape)
+    """Conv weights OHWI; everything else (a conv's bias too) as exported."""
+    if op == "conv2d" and len(shape) == 4:
+        return (shape[0], shape[2], shape[3], shape[1])
+    return tuple(shape)
 
 
 def to_kernel_layout(op, a):
-    return conv_common.to_ohwi(a) if op == "conv2d" else np.asarray(a, np.float32)
+    if op == "conv2d" and np.ndim(a) == 4:
+        return conv_common.to_ohwi(a)
+    return np.asarray(a, np.float32)
 
 
 def from_kernel_layout(op, a):
-    return conv_common.from_ohwi(a) if op == "conv2d" else a
+    return conv_common.from_ohwi(a) if op == "conv2d" and a.ndim == 4 else a
 
 
 def dims(shape):
@@ -178,6 +183,16 @@ def gap_fwd_call(x, y, xs):
 
 def gap_bwd_call(dy, dx, xs):
     fn, cost, sc = stage_kernel(pool.GlobalAvgPoolBackward, dims(xs))
+    return fn, (dy, dx), cost, sc
+
+
+def flatten_fwd_call(x, y, xs):
+    fn, cost, sc = stage_kernel(flatten.FlattenForward, dims(xs))
+    return fn, (x, y), cost, sc
+
+
+def flatten_bwd_call(dy, dx, xs):
+    fn, cost, sc = stage_kernel(flatten.FlattenBackward, dims(xs))
     return fn, (dy, dx), cost, sc
 
 

@@ -12,8 +12,9 @@ import numpy as np
 from bnff.lowering.ops import conv_shape, dims, on_view, stage_kernel
 from bnff.kernels.bn import bn_fused, bn_scale, bn_stats
 from bnff.kernels.conv import conv_bwd_data, conv_bwd_fused, conv_bwd_weights, conv_common, \
-    conv_fwd
-from bnff.kernels.conv.conv_common import IDENTITY_EPILOGUE, IDENTITY_PROLOGUE
+    conv_fwd, conv_bias
+from bnff.kernels.conv.conv_common import (BIAS, BIAS_SUMS, CHANNEL_SUMS, IDENTITY_EPILOGUE,
+                                           IDENTITY_PROLOGUE)
 from bnff.kernels.stage import F32, Cost
 
 
@@ -142,6 +143,16 @@ def bn_relu_dx_call(dz, x, af, bf, a, p, q, dx, shape, accumulate):
     return on_view(fn, shape[3]), (dz, x, af, bf, a, p, q, dx), cost, sc
 
 
+
+
+def with_bias(node, epi, epi_args, bias):
+    """A forward epilogue with the conv's bias added first when the node has one: None ->
+    bias (args (bias,)), stats -> bias+stats (args (bias, s1, s2))."""
+    if not node["bias"]:
+        return epi, epi_args
+    return (BIAS_SUMS if epi is CHANNEL_SUMS else BIAS), (bias,) + tuple(epi_args)
+
+
 def conv_fwd_fused_call(x, w, y, xs, node, pro, pro_args, epi, epi_args):
     """Conv forward with normalize(+ReLU) of its input in the prologue (pro a Hook, pro_args =
     (a, b); x is then the pre-BN tensor) and/or BN statistics of its output in the epilogue
@@ -217,3 +228,17 @@ def conv_out_shape(xs, node):
     n, h, w, _ = xs
     o = lambda i: conv_common.out_size(i, node["kernel"], node["stride"], node["padding"])
     return (n, o(h), o(w), node["out_channels"])
+
+
+def bias_grad_call(dy, db, shape):
+    """A conv's bias gradient as one reduction pass over its output gradient dy."""
+    _, cost, sc = stage_kernel(conv_bias.ConvBiasBackward, dims(shape))
+    return on_view(conv_bias.bias_grad, shape[3]), (dy, db), cost, sc
+
+
+def bias_grad_bn_call(a, p, q, dbeta, mean, db, shape):
+    """A conv's bias gradient from the sums of the BN it alone feeds (conv_bias.bias_grad_bn),
+    when that BN's dx is formed in the conv's backward prologues and never written."""
+    m, c = int(np.prod(shape[:3])), shape[3]
+    fn = lambda a, p, q, dbeta, mean, db: conv_bias.bias_grad_bn(a, p, q, dbeta, mean, m, db)
+    return fn, (a, p, q, dbeta, mean, db), Cost(4 * c, 5 * c * F32, c * F32), None

@@ -14,7 +14,8 @@ def _forward(n, xs, params):
     a, p = n.attrs, lambda k: params[f"{n.name}.{k}"]
     x = xs[0]
     if n.op == "conv2d":
-        return R.conv2d_forward(x, p("weight"), a["stride"], a["padding"]), None
+        bias = p("bias") if a["bias"] else None
+        return R.conv2d_forward(x, p("weight"), a["stride"], a["padding"], bias), None
     if n.op == "batchnorm":
         return R.batchnorm_forward(x, p("weight"), p("bias"), a["eps"])
     if n.op == "relu":
@@ -26,6 +27,8 @@ def _forward(n, xs, params):
         return R.avgpool2d_forward(x, a["kernel"], a["stride"]), None
     if n.op == "global_avgpool":
         return R.global_avgpool_forward(x), None
+    if n.op == "flatten":
+        return R.flatten_forward(x), None
     if n.op == "concat":
         return R.concat_forward(xs), None
     if n.op == "add":
@@ -42,6 +45,8 @@ def _backward(n, dy, xs, cache, params, grads):
     if n.op == "conv2d":
         dx, grads[f"{n.name}.weight"] = R.conv2d_backward(dy, x, p("weight"), a["stride"],
                                                           a["padding"])
+        if a["bias"]:
+            grads[f"{n.name}.bias"] = R.conv2d_bias_backward(dy)
         return [dx]
     if n.op == "batchnorm":
         dx, grads[f"{n.name}.weight"], grads[f"{n.name}.bias"] = R.batchnorm_backward(
@@ -55,6 +60,8 @@ def _backward(n, dy, xs, cache, params, grads):
         return [R.avgpool2d_backward(dy, x.shape, a["kernel"], a["stride"])]
     if n.op == "global_avgpool":
         return [R.global_avgpool_backward(dy, x.shape)]
+    if n.op == "flatten":
+        return [R.flatten_backward(dy, x.shape)]
     if n.op == "concat":
         return R.concat_backward(dy, [t.shape[1] for t in xs])
     if n.op == "add":

@@ -126,14 +126,21 @@ def paired_speedup(base_times, times, seed: int = 0) -> Speedup:
     return Speedup(math.exp(logs.mean()), math.exp(lo), math.exp(hi), n)
 
 
+ZERO_GRAD = 1e-3  # a gradient this much smaller than the largest one counts as zero
+
+
 def max_rel_grad_diff(grads: dict, ref: dict) -> tuple:
     """(largest ||g - ref|| / ||ref|| over parameters, the parameter where it occurs). Norms
     rather than elementwise maxima: a ReLU mask or a max-pool choice that flips on a float32
-    rounding moves single elements a lot and the whole gradient very little."""
+    rounding moves single elements a lot and the whole gradient very little. A gradient that
+    is zero in exact arithmetic (the bias of a conv feeding a BN: BN's input gradient sums to
+    zero per channel) is float32 rounding noise, so ||ref|| is floored at ZERO_GRAD times the
+    largest parameter gradient's norm."""
+    floor = ZERO_GRAD * max([float(np.linalg.norm(r)) for r in ref.values()] + [1e-30])
     worst, where = 0.0, ""
     for k, r in ref.items():
         d = float(np.linalg.norm(np.asarray(grads[k], np.float64) - r))
-        d /= max(float(np.linalg.norm(r)), 1e-30)
+        d /= max(float(np.linalg.norm(r)), floor)
         if d >= worst:
             worst, where = d, k
     return worst, where

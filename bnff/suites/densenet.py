@@ -1,14 +1,19 @@
-"""DenseNet-121 (Huang et al. 2017; torchvision's densenet121): growth 32, blocks 6-12-24-16,
-bottleneck width 4x growth, compression 0.5. Each dense layer is
-BN-ReLU-conv1x1(128)-BN-ReLU-conv3x3(32) on the concatenation of the block input and
-all earlier layers' outputs; transitions are BN-ReLU-conv1x1-avgpool 2x2/2."""
+"""DenseNet-121, -169 and -201 (Huang et al. 2017; torchvision's densenet121/169/201): growth
+32, blocks 6-12-24-16, 6-12-32-32 and 6-12-48-32, bottleneck width 4x growth, compression
+0.5. Each dense layer is BN-ReLU-conv1x1(128)-BN-ReLU-conv3x3(32) on the concatenation of the
+block input and all earlier layers' outputs; transitions are BN-ReLU-conv1x1-avgpool 2x2/2."""
 from __future__ import annotations
 
 from bnff.suites.graph import Builder, Graph
 
+BLOCKS = {"densenet121": (6, 12, 24, 16), "densenet169": (6, 12, 32, 32),
+          "densenet201": (6, 12, 48, 32)}
 
-def densenet(name="densenet121", growth=32, blocks=(6, 12, 24, 16), stem=64, bn_size=4,
+
+def densenet(name="densenet121", growth=32, blocks=None, stem=64, bn_size=4,
              compression=0.5, classes=1000) -> Graph:
+    """A built-in name, or (any name) the given growth, blocks and stem."""
+    blocks = blocks or BLOCKS[name]
     b = Builder(name, 3)
     x = b.add("conv0", "conv2d", "input", out_channels=stem, kernel=7, stride=2, padding=3)
     x = b.add("norm0", "batchnorm", x)

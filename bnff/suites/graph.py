@@ -3,9 +3,13 @@
 A graph is `{"name", "input_channels", "nodes": [...], "output"}`; the graph input is
 the tensor `input` [N, input_channels, S, S]; nodes come after their inputs. Each node is
 `{"name", "op", "inputs": [...], ...attributes}` with the ops and attributes of `OPS`.
-Parameters are `<node>.weight` / `<node>.bias`: conv weight [out, in, kh, kw] (no bias),
-batchnorm weight = gamma and bias = beta [C], linear weight [out, in] and bias [out].
-Shapes are NCHW, or [N, F] after `global_avgpool` and `linear`.
+Parameters are `<node>.weight` / `<node>.bias`: conv weight [out, in, kh, kw] and, with
+`bias: true`, bias [out]; batchnorm weight = gamma and bias = beta [C]; linear weight
+[out, in] and bias [out].
+Shapes are NCHW, or [N, F] after `global_avgpool`, `flatten` and `linear` (a `relu` takes
+either). `flatten` turns an [N, C, size, size] input into [N, C*size*size] in NCHW order; its
+`size` is fixed so that the features, and the parameters of the linear layer reading them, do
+not depend on the image size (the input must be size x size, else a GraphError).
 """
 from __future__ import annotations
 
@@ -21,17 +25,18 @@ class GraphError(ValueError):
 
 # op -> (number of inputs or None for two or more, required attributes, defaults)
 OPS = {
-    "conv2d": (1, ("out_channels", "kernel"), {"stride": 1, "padding": 0}),
+    "conv2d": (1, ("out_channels", "kernel"), {"stride": 1, "padding": 0, "bias": False}),
     "batchnorm": (1, (), {"eps": 1e-5, "momentum": 0.1}),
     "relu": (1, (), {}),
     "maxpool2d": (1, ("kernel",), {"stride": None, "padding": 0}),
     "avgpool2d": (1, ("kernel",), {"stride": None}),
     "global_avgpool": (1, (), {}),
+    "flatten": (1, ("size",), {}),
     "concat": (None, (), {}),
     "add": (2, (), {}),
     "linear": (1, ("out_features",), {}),
 }
-_INT_ATTRS = ("out_channels", "kernel", "stride", "padding", "out_features")
+_INT_ATTRS = ("out_channels", "kernel", "stride", "padding", "out_features", "size")
 
 
 @dataclass
@@ -82,6 +87,8 @@ def _node_from_dict(d: dict, index: int) -> Node:
             low = 0 if key == "padding" else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise GraphError(f"node {name}: '{key}' must be an integer >= {low}, got {v!r}")
+    if op == "conv2d" and not isinstance(attrs["bias"], bool):
+        raise GraphError(f"node {name}: 'bias' must be true or false, got {attrs['bias']!r}")
     if op == "batchnorm":
         for key in ("eps", "momentum"):
             if not isinstance(attrs[key], (int, float)) or attrs[key] < 0:
@@ -158,6 +165,8 @@ class Graph:
             cin = self.channels[n.inputs[0]] if n.inputs else None
             if n.op == "conv2d":
                 ps[f"{n.name}.weight"] = (n["out_channels"], cin, n["kernel"], n["kernel"])
+                if n["bias"]:
+                    ps[f"{n.name}.bias"] = (n["out_channels"],)
             elif n.op == "batchnorm":
                 ps[f"{n.name}.weight"] = (cin,)
                 ps[f"{n.name}.bias"] = (cin,)
@@ -199,7 +208,7 @@ class Graph:
     def _out_shape(n: Node, ins: list, channels_only: bool):
         x = ins[0]
         is4d = len(x) == 4 or x[0] == "4d"
-        if n.op not in ("linear",) and not is4d:
+        if n.op not in ("linear", "relu") and not is4d:
             raise GraphError(f"node {n.name}: {n.op} needs an [N, C, H, W] input, got {x}")
         if n.op == "linear":
             if is4d:
@@ -208,6 +217,12 @@ class Graph:
             return ("2d", n["out_features"]) if channels_only else (x[0], n["out_features"])
         if n.op == "global_avgpool":
             return ("2d", x[1]) if channels_only else (x[0], x[1])
+        if n.op == "flatten":
+            size = n["size"]
+            if not channels_only and (x[2], x[3]) != (size, size):
+                raise GraphError(f"node {n.name}: flatten expects a {size}x{size} input, got "
+                                 f"{x[2]}x{x[3]}; choose the --image that gives it")
+            return ("2d", x[1] * size * size) if channels_only else (x[0], x[1] * size * size)
         if n.op == "concat":
             if not all(len(s) == 4 or s[0] == "4d" for s in ins):
                 raise GraphError(f"node {n.name}: concat inputs must all be [N, C, H, W]")

@@ -2,8 +2,8 @@
 
 Conv weights are He-normal (std sqrt(2/fan_in)); BN gamma is drawn from U(0.5, 1.5) and beta
 from U(-0.5, 0.5), not 1 and 0, so every term of the BN backward pass is exercised; linear
-weights are N(0, 1/fan_in) and biases U(-0.1, 0.1). Input is N(0, 1) float32 NCHW; labels are
-uniform over the output features. All values are float32, so a float32 schedule and the float64
+weights are N(0, 1/fan_in), conv and linear biases U(-0.1, 0.1). Input is N(0, 1) float32
+NCHW; labels are uniform over the output features. All values are float32, so a float32 schedule and the float64
 reference start from identical numbers.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ def make_params(graph: Graph, seed: int) -> dict:
     for name, shape in graph.params().items():
         node, kind = name.rsplit(".", 1)
         op = graph.by_name[node].op
-        if op == "conv2d":
+        if op == "conv2d" and kind == "weight":
             fan_in = shape[1] * shape[2] * shape[3]
             v = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
         elif op == "batchnorm":

@@ -35,8 +35,11 @@ combination, memoized and cached on disk); identity hooks by default. Hook signa
 last argument `ntasks`, the number of parallel tasks (default numba.get_num_threads()); per-task
 partials have leading dimension ntasks. Real hooks here: `bn_relu_prologue` (args = (a, b):
 max(a[c]*v + b[c], 0)), `bn_grad_prologue` (args = (x flat, a, p, q): a[c]*v + p[c]*x[idx] +
-q[c], reading a second tensor) and `channel_sums_epilogue` (args = (s1, s2), float64
-[ntasks, C], C-contiguous: per-task sum and sum of squares of the output).
+q[c], reading a second tensor), `channel_sums_epilogue` (args = (s1, s2), float64
+[ntasks, C], C-contiguous: per-task sum and sum of squares of the output), `bias_epilogue`
+(args = (bias,): a conv's bias added to the output) and `bias_sums_epilogue` (args =
+(bias, s1, s2): the bias added, then the sums of the biased output). The bias costs no pass
+of its own: it is added while the tile is in L1, from one C-vector.
 
 Channel slices. Sources and destinations are NHWC tensors whose pixels may lie further apart
 than their channel count: a channel slice `buf[..., c0:c1]` of a wider buffer (DenseNet's
@@ -161,6 +164,34 @@ def channel_sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
     tile_sums(d, ldc, d, ldc, rows, mr, c0, nc, tid, args[0], args[1])
 
 
+@njit(inline="always", cache=True, fastmath=True)
+def tile_bias(d, ldc, rows, mr, c0, nc, bias):
+    """d[r, c] += bias[c] over a finished tile (a conv's bias); a full tile in vectors."""
+    if nc == NR:
+        for h in range(0, NR, W):
+            bv = vload(bias, c0 + h)
+            for r in range(mr):
+                i = rows[r] * ldc + c0 + h
+                vstore(d, i, vadd(vload(d, i), bv))
+        return
+    for r in range(mr):
+        for j in range(nc):
+            d[rows[r] * ldc + c0 + j] += bias[c0 + j]
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def bias_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
+    """The conv's bias args[0][c] added to the output tile."""
+    tile_bias(d, ldc, rows, mr, c0, nc, args[0])
+
+
+@njit(inline="always", cache=True, fastmath=True)
+def bias_sums_epilogue(d, ldc, rows, mr, c0, nc, tid, args):
+    """bias_epilogue, then channel_sums_epilogue of the biased tile: args = (bias, s1, s2)."""
+    tile_bias(d, ldc, rows, mr, c0, nc, args[0])
+    tile_sums(d, ldc, d, ldc, rows, mr, c0, nc, tid, args[1], args[2])
+
+
 @dataclass(frozen=True)
 class Hook:
     """A hook as the lowering hands it to a conv kernel: its function (compiled in, signature
@@ -201,6 +232,8 @@ IDENTITY_EPILOGUE = Hook("identity", identity_epilogue)
 BN_RELU = Hook("bn_relu", bn_relu_prologue)
 BN_GRAD = Hook("bn_grad", bn_grad_prologue, flat_first, reads_x=True)
 CHANNEL_SUMS = Hook("stats", channel_sums_epilogue, sums=True)
+BIAS = Hook("bias", bias_epilogue)
+BIAS_SUMS = Hook("bias+stats", bias_sums_epilogue, sums=True)
 
 
 def stable(hook):

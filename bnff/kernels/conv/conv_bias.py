@@ -1,0 +1,80 @@
+"""The gradient of a conv's bias (its forward is `conv_common.bias_epilogue`, fused into the conv):
+
+    dbias[c] = sum over the m = N*OH*OW output pixels of dy[., c]     reads dy, writes C floats
+
+Kernels:
+    bias_grad(DY, db)           DY an [M, C] float32 view (C-contiguous rows, or a channel
+                                slice of a wider buffer), db float32 [C]: one reduction pass
+                                (the bn_stats scheme: row blocks, float32 tiles of TILE_ROWS
+                                rows flushed into float64 partials, merged serially).
+    bias_grad_bn(a, p, q, dbeta, mean, m, db)
+                                no pass at all, when the conv's output feeds only a BN whose
+                                dx = a*dy + p*x + q is formed in the conv's own backward
+                                prologues (bnff) and never written: summed over the m rows,
+                                dbias = a*sum(dy) + p*sum(x) + q*m = a*dbeta + m*(p*mean + q),
+                                from the BN's own sums. (It is zero in exact arithmetic: a
+                                BN's input gradient sums to zero per channel.)
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from bnff.kernels import reference as ref
+from bnff.kernels.bn.bn_stats import BLOCKS, TILE_ROWS, block_rows, merge_blocks
+from bnff.kernels.stage import F32, Cost, Stage
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def bias_grad(DY, db):
+    """db[c] = sum_r DY[r, c]: reads DY once."""
+    m, c = DY.shape
+    part = np.empty((BLOCKS, c))
+    for blk in prange(BLOCKS):
+        r0, r1 = block_rows(blk, BLOCKS, m)
+        acc = np.zeros(c)
+        t = np.empty(c, np.float32)
+        for s in range(r0, r1, TILE_ROWS):
+            t[:] = 0.0
+            for r in range(s, min(s + TILE_ROWS, r1)):
+                for j in range(c):
+                    t[j] += DY[r, j]
+            for j in range(c):
+                acc[j] += t[j]
+        part[blk] = acc
+    merge_blocks(part, 1.0, db)
+
+
+@njit(cache=True)
+def bias_grad_bn(a, p, q, dbeta, mean, m, db):
+    """db = a*dbeta + m*(p*mean + q) in float64: the sum of the BN's dx = a*dy + p*x + q."""
+    for j in range(db.shape[0]):
+        db[j] = a[j] * np.float64(dbeta[j]) + m * (p[j] * np.float64(mean[j]) + q[j])
+
+
+class ConvBiasBackward(Stage):
+    """Shape keys: mb, ic, ih, iw (of dy). Input dy [mb, ih, iw, ic]; output db [ic]."""
+
+    name = "conv_bias_bwd"
+    variants = {"prange": lambda dy, db: bias_grad(dy.reshape(-1, dy.shape[-1]), db)}
+    default = "prange"
+
+    def _shape(self):
+        s = self.shape
+        return (s["mb"], s["ih"], s["iw"], s["ic"])
+
+    def make_inputs(self, rng):
+        return {"dy": rng.standard_normal(self._shape(), dtype=np.float32) + np.float32(3.0)}
+
+    def allocate_outputs(self):
+        return {"db": np.empty(self.shape["ic"], np.float32)}
+
+    def run(self, variant, inputs, outputs):
+        self.variants[variant](inputs["dy"], outputs["db"])
+
+    def reference(self, inputs):
+        return {"db": ref.conv2d_bias_backward(np.moveaxis(inputs["dy"], 3, 1).astype(np.float64))}
+
+    def cost(self, variant):
+        n = int(np.prod(self._shape()))
+        return Cost(flops=n, bytes_read=n * F32, bytes_written=self.shape["ic"] * F32)
