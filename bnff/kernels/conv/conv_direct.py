@@ -45,7 +45,8 @@ from bnff.engine.vec import VREGS, W, vadd, vbroadcast, vfma, vload, vstore, vze
 from bnff.kernels.conv.conv_common import identity_epilogue, identity_prologue, stable
 
 RP = 7 if VREGS >= 7 * 2 + 3 else 6  # output pixels per register tile (x 2 vectors)
-BAND_FLOATS = 64 * 1024  # ring of source rows per task: 256 KiB, in L2 beside a weight panel
+BAND_FLOATS = 64 * 1024  # ring of source rows per task: 256 KiB, in L2 beside the weights
+WEIGHT_FLOATS = 128 * 1024  # weights kept in L2 across a pass: 512 KiB
 
 
 @njit(fastmath=True, inline="always")
@@ -139,6 +140,10 @@ def make_direct(prologue=identity_prologue, epilogue=identity_epilogue):
         L = KW * CS if band else CS              # floats per kernel row of the reduction
         ps = stride * (CS if band else sps)      # source floats between a tile's pixels
         K = KH * KW * CS
+        # panels per pass over a tile's inputs: all when the weights fit in L2 beside the band
+        # (the tile's inputs then stay in L1 across the panels), else one (its weights stay in
+        # L2 while the block's rows pass)
+        gsz = npan if npan * K * NR <= WEIGHT_FLOATS else 1
         for tid in prange(nt):
             ring = np.empty(NS * rowb if band else 1, np.float32)
             s = ring if band else src1
@@ -172,9 +177,7 @@ def make_direct(prologue=identity_prologue, epilogue=identity_epilogue):
                                                                        pro_args)
                             ring[o + (xe + pw) * CS:o + rowb] = 0.0
                         hi = top
-                    for jp in range(npan):
-                        c0 = jp * NR
-                        nc = min(NR, CD - c0)
+                    for g0 in range(0, npan, gsz):
                         for i in range(i0, i1):
                             for kh in range(KH):
                                 y = i * stride - ph + kh
@@ -183,22 +186,27 @@ def make_direct(prologue=identity_prologue, epilogue=identity_epilogue):
                             for t in range(ntile):
                                 j0 = t * RP
                                 b0 = j0 * ps
-                                if j0 + RP <= DW and nc == NR:
-                                    ukernel(s, rb, KH, b0, L, ps, wp, jp * K * NR, dst1,
-                                            (drow + j0) * dps + c0, dps, acc)
-                                    continue
-                                ukernel(s, rb, KH, b0, L, ps, wp, jp * K * NR, scratch, 0, NR,
-                                        False)
-                                for r in range(min(RP, DW - j0)):
-                                    o = (drow + j0 + r) * dps + c0
-                                    for j in range(nc):
-                                        if acc:
-                                            dst1[o + j] += scratch[r * NR + j]
-                                        else:
-                                            dst1[o + j] = scratch[r * NR + j]
+                                for jp in range(g0, min(npan, g0 + gsz)):
+                                    c0 = jp * NR
+                                    nc = min(NR, CD - c0)
+                                    if j0 + RP <= DW and nc == NR:
+                                        ukernel(s, rb, KH, b0, L, ps, wp, jp * K * NR, dst1,
+                                                (drow + j0) * dps + c0, dps, acc)
+                                        continue
+                                    ukernel(s, rb, KH, b0, L, ps, wp, jp * K * NR, scratch, 0,
+                                            NR, False)
+                                    for r in range(min(RP, DW - j0)):
+                                        o = (drow + j0 + r) * dps + c0
+                                        for j in range(nc):
+                                            if acc:
+                                                dst1[o + j] += scratch[r * NR + j]
+                                            else:
+                                                dst1[o + j] = scratch[r * NR + j]
                             for j in range(DW):
                                 rows[j] = drow + j
-                            epilogue(dst1, dps, rows, DW, c0, nc, tid, epi_args)
+                            for jp in range(g0, min(npan, g0 + gsz)):
+                                epilogue(dst1, dps, rows, DW, jp * NR, min(NR, CD - jp * NR),
+                                         tid, epi_args)
 
     _cache[key] = direct
     return direct
