@@ -271,20 +271,51 @@ def main(argv=None):
                 errs[v] = small.max_rel_error(out, ref)
                 assert errs[v] < small.tolerance, (name, sn, v, errs[v])
             out = st.allocate_outputs()
-            times = {v: [] for v in variants}
-            for v in variants:
-                st.run(v, ins, out)
-            for _ in range(args.reps):
-                for v in variants:
+            runs = {v: (lambda v=v: st.run(v, ins, out)) for v in variants}
+            runs["fused"] = fused_call(sn, ins, out, s, p)
+            times = {v: [] for v in runs}
+            for run in runs.values():
+                run()
+            for _ in range(args.reps):  # interleaved, so drift hits all alike
+                for v, run in runs.items():
                     t0 = time.perf_counter()
-                    st.run(v, ins, out)
+                    run()
                     times[v].append(time.perf_counter() - t0)
+            med = {v: statistics.median(ts) for v, ts in times.items()}
             f = st.cost(st.default).flops
-            line = "  ".join(f"{v} {f / statistics.median(times[v]) / 1e9:6.1f} GFLOP/s "
-                             f"({100 * f / statistics.median(times[v]) / 1e9 / sg:3.0f} %)"
+            line = "  ".join(f"{v} {f / med[v] / 1e9:6.1f} GFLOP/s ({100 * f / med[v] / 1e9 / sg:3.0f} %)"
                              for v in variants)
-            print(f"{name:10s} {sn:13s} {st.descriptor():32s} {line}  "
-                  f"err {max(errs.values()):.1e}", flush=True)
+            print(f"{name:10s} {sn:13s} {st.descriptor():34s} {line}  fused "
+                  f"{100 * (med['fused'] / med['direct'] - 1):+5.1f} %  err "
+                  f"{max(errs.values()):.1e}", flush=True)
+
+
+def fused_call(stage, ins, out, stride, pad):
+    """The bnff conv of a BN site on this stage's operands: forward with the normalize+ReLU
+    prologue and the statistics epilogue; backward-data with the mask-and-sums epilogue."""
+    from numba import get_num_threads
+
+    from bnff.hooks.bnff_hooks import relu_sums_epilogue
+    from bnff.kernels.conv.conv_bwd_data import make_conv_backward_data
+    from bnff.kernels.conv.conv_common import bn_relu_prologue, channel_sums_epilogue, pixels
+    from bnff.kernels.conv.conv_fwd import make_conv_forward
+
+    nt = get_num_threads()
+    rng = np.random.default_rng(2)
+    if stage == "conv_fwd":
+        ic, oc = ins["x"].shape[3], ins["w"].shape[0]
+        ab = (rng.uniform(0.5, 1.5, ic).astype(np.float32),
+              rng.uniform(-0.5, 0.5, ic).astype(np.float32))
+        part = (np.zeros((nt, oc)), np.zeros((nt, oc)))
+        conv = make_conv_forward(bn_relu_prologue, channel_sums_epilogue)
+        return lambda: conv(ins["x"], ins["w"], out["y"], stride, pad, ab, part, nt)
+    ic = ins["w"].shape[3]
+    x = rng.standard_normal(out["dx"].shape, dtype=np.float32)
+    epi = pixels(x) + (rng.uniform(0.5, 1.5, ic).astype(np.float32),
+                       rng.uniform(-0.5, 0.5, ic).astype(np.float32),
+                       np.zeros((nt, ic)), np.zeros((nt, ic)))
+    conv = make_conv_backward_data(identity_prologue, relu_sums_epilogue)
+    return lambda: conv(ins["dy"], ins["w"], out["dx"], stride, pad, (), epi, nt)
 
 
 if __name__ == "__main__":
