@@ -1,7 +1,6 @@
 """The direct conv engine (bnff/kernels/conv/conv_direct.py) against the float64 reference, with
-outputs filled with NaN first: stride 2, odd sizes, the 3-channel stem, 1x1 read straight from
-the source (widths a multiple of the register tile) and through the band, channel slices of
-wider buffers, backward-data accumulating, and the fused hooks of bnff / bnff+: the
+outputs filled with NaN first: stride 2, odd sizes, the 3-channel stem, 1x1 with widths a
+multiple of the register tile and not, channel slices of wider buffers, backward-data accumulating, and the fused hooks of bnff / bnff+: the
 normalize+ReLU prologue applied once per source element, statistics and mask-and-sums
 epilogues. Both vector widths: tests/test_vec_width.py runs the default (direct) kernels at
 every width."""
@@ -16,12 +15,12 @@ from bnff.kernels.conv.conv_common import (bn_grad_prologue, bn_relu_prologue,
                                            channel_sums_epilogue, identity_epilogue, out_size)
 from bnff.kernels.conv.conv_direct import RP
 
-# (ic, oc, k, stride, pad, h, w): w = RP*2 makes 1x1 stride 1 read the source directly
+# (ic, oc, k, stride, pad, h, w): w = 2 RP, whole register tiles along each row
 SHAPES = [(128, 32, 3, 1, 1, 5, 9),        # DenseNet 3x3, a partial tile per row
           (3, 64, 7, 2, 3, 12, 13),        # the stem
           (13, 21, 3, 2, 1, 11, 10),       # odd everything, a partial channel panel
-          (40, 40, 1, 1, 0, 3, 2 * RP),    # 1x1, read directly
-          (24, 36, 1, 2, 0, 5, 2 * RP),    # 1x1 stride 2, read directly
+          (40, 40, 1, 1, 0, 3, 2 * RP),    # 1x1, whole tiles
+          (24, 36, 1, 2, 0, 5, 2 * RP),    # 1x1 stride 2: rows no tap reads are skipped
           (9, 70, 5, 1, 2, 6, 7)]          # 5x5, three panels, one of them partial
 IDS = ["ic%d-oc%d-k%d-s%d-p%d-%dx%d" % s for s in SHAPES]
 

@@ -41,7 +41,7 @@ from bnff.kernels.conv.conv_common import (conv_flops, from_ohwi, identity_epilo
                                  make_igemm, pixels, tap_groups)
 from bnff.kernels.conv.conv_fwd import ConvForward
 from bnff.engine.gemm import NR
-from bnff.kernels.conv.conv_direct import make_direct, pack_panels, reads_directly
+from bnff.kernels.conv.conv_direct import make_direct, pack_panels
 from bnff.kernels.stage import F32, Cost
 
 
@@ -166,10 +166,8 @@ def make_conv_backward_data(prologue=identity_prologue, epilogue=identity_epilog
             (yf, yps), (xf, xps) = pixels(dy), pixels(dx)
             nt = ntasks or get_num_threads()
             if direct is not None and stride == 1 and pad <= min(kh, kw) - 1:
-                ph, pw = kh - 1 - pad, kw - 1 - pad
-                band = not reads_directly(kh, kw, ph, pw, W, prologue)
                 direct(yf, n, oh, ow, oc, yps, xf, H, W, ic, xps, accumulate, flipped_panels(w),
-                       kh, kw, 1, ph, pw, band, pro_args, epi_args, nt)
+                       kh, kw, 1, kh - 1 - pad, kw - 1 - pad, pro_args, epi_args, nt)
                 return
             for rh in range(min(stride, H)):
                 for rw in range(min(stride, W)):

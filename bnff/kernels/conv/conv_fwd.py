@@ -31,7 +31,7 @@ from bnff.kernels import reference as R
 from bnff.kernels.conv.conv_common import (conv_flops, from_ohwi, identity_epilogue, identity_prologue,
                                  make_igemm, out_size, pack_b_rows, pixels, tap_groups)
 from bnff.engine.gemm import NR
-from bnff.kernels.conv.conv_direct import make_direct, pack_panels, reads_directly
+from bnff.kernels.conv.conv_direct import make_direct, pack_panels
 from bnff.kernels.stage import F32, Cost, Stage
 
 
@@ -132,9 +132,8 @@ def make_conv_forward(prologue=identity_prologue, epilogue=identity_epilogue, en
                 n, h, wd, c = x.shape
                 _, oh, ow, _ = y.shape
                 (xf, xps), (yf, yps) = pixels(x), pixels(y)
-                band = not reads_directly(kh, kw, pad, pad, ow, prologue)
                 direct(xf, n, h, wd, c, xps, yf, oh, ow, oc, yps, False,
-                       pack_panels(w.reshape(oc, -1)), kh, kw, stride, pad, pad, band, pro_args,
+                       pack_panels(w.reshape(oc, -1)), kh, kw, stride, pad, pad, pro_args,
                        epi_args, ntasks or get_num_threads())
         _cache[key] = conv
     return _cache[key]
