@@ -7,7 +7,7 @@ A stage module holds a float64 reference and numbered variants of one stage, and
     st = ConvForward(dict(mb=16, ic=64, ih=56, iw=56, oc=64, kh=3, kw=3, sh=1, ph=1))
     ins = st.make_inputs(np.random.default_rng(0))   # float32 arrays, NHWC
     out = st.allocate_outputs()                     # preallocated, reused across calls
-    st.run("gemm", ins, out)                        # the timed call
+    st.run("direct", ins, out)                      # the timed call
     ref = st.reference(ins)                         # float64, same names as `out`
     err = st.max_rel_error(out, ref)
 

@@ -15,10 +15,15 @@ Variants (all `f(dy, w, dx, stride, pad)`, dx preallocated [N, H, W, IC]):
 1. naive:   one input-gradient value at a time, a dot product over oc per contributing tap.
 2. blocked: weights repacked to [IC/16, KH, KW, OC, 16]; each pixel accumulates 16 input
             channels at once in a vectorized inner loop, tasks are (image row, channel block).
-3. gemm:    one implicit GEMM per stride phase (conv_common.igemm), prologue on dy, epilogue
+3. im2col:  one implicit GEMM per stride phase (conv_common.igemm), prologue on dy, epilogue
             on the finished dx tiles.
+4. direct:  stride 1: the direct forward conv of dy (conv_direct) with the flipped weights
+            w'[ic, kh', kw', oc] = w[oc, KH-1-kh', KW-1-kw', ic], padded by K-1-p; the
+            prologue applied once per dy element in the band, the epilogue per dx row. Stride 2
+            runs im2col's phases (each phase is a stride-1 conv with a subset of the taps; a
+            direct version would need per-phase tap sets in the engine). The default.
 
-For the fused schedules: `make_conv_backward_data(prologue, epilogue)` returns the gemm kernel
+For the fused schedules: `make_conv_backward_data(prologue, epilogue, engine="direct")` returns
     conv(dy, w, dx, stride, pad, pro_args=(), epi_args=(), ntasks=numba.get_num_threads(),
          accumulate=False)
 with the hooks compiled in: the prologue sees dy (idx indexes dy, so it can form the gradient
@@ -36,6 +41,7 @@ from bnff.kernels.conv.conv_common import (conv_flops, from_ohwi, hooked, identi
                                            identity_prologue, make_igemm, pixels, tap_groups)
 from bnff.kernels.conv.conv_fwd import ConvForward
 from bnff.engine.gemm import NR
+from bnff.kernels.conv.conv_direct import make_direct, pack_panels
 from bnff.kernels.stage import F32, Cost
 
 
@@ -129,29 +135,53 @@ def phase_operands(w, stride, pad, rh, rw):
     return bp, tap_groups(ty, tx)
 
 
-@hooked
-def make_conv_backward_data(prologue=identity_prologue, epilogue=identity_epilogue):
-    """3. One implicit GEMM per stride phase, `prologue` (on dy) and `epilogue` (on dx tiles)
-    compiled in; memoized."""
-    igemm = make_igemm(prologue, epilogue)
+def flipped_panels(w):
+    """The weights of backward-data as a stride-1 forward conv of dy: B[(kh', kw', oc), ic] =
+    w[oc, KH-1-kh', KW-1-kw', ic], packed in NR-wide panels of ic (conv_direct.pack_panels)."""
+    oc, _, _, ic = w.shape
+    return pack_panels(np.ascontiguousarray(w[:, ::-1, ::-1, :].transpose(3, 1, 2, 0))
+                       .reshape(ic, -1))
 
-    def conv_backward_data_gemm(dy, w, dx, stride, pad, pro_args=(), epi_args=(),
-                                ntasks=None, accumulate=False):
+
+@hooked
+def make_conv_backward_data(prologue=identity_prologue, epilogue=identity_epilogue,
+                            engine="direct"):
+    """3./4. Backward-data with `prologue` (on dy) and `epilogue` (on dx) compiled in; memoized.
+    engine "direct" (the default): a stride-1 conv whose padding leaves no output pixel
+    without taps (pad <= kernel - 1) runs as the direct forward conv of dy with the flipped
+    weights (conv_direct), padded by kernel - 1 - pad; other strides as "im2col": one
+    implicit GEMM per stride phase."""
+    igemm = make_igemm(prologue, epilogue)
+    direct = make_direct(prologue, epilogue) if engine == "direct" else None
+
+    def conv(dy, w, dx, stride, pad, pro_args=(), epi_args=(), ntasks=None,
+             accumulate=False):
         n, oh, ow, oc = dy.shape
         _, H, W, ic = dx.shape
+        _, kh, kw, _ = w.shape
         (yf, yps), (xf, xps) = pixels(dy), pixels(dx)
+        nt = ntasks or get_num_threads()
+        if direct is not None and stride == 1 and pad <= min(kh, kw) - 1:
+            direct(yf, n, oh, ow, oc, yps, xf, H, W, ic, xps, accumulate, flipped_panels(w),
+                   kh, kw, 1, kh - 1 - pad, kw - 1 - pad, pro_args, epi_args, nt)
+            return
         for rh in range(min(stride, H)):
             for rw in range(min(stride, W)):
                 bp, groups = phase_operands(w, stride, pad, rh, rw)
                 igemm(yf, oh, ow, oc, yps, xf, n, H, W, ic, xps, accumulate, bp, 1, *groups,
                       len(range(rh, H, stride)), len(range(rw, W, stride)), rh, rw, stride,
-                      pro_args, epi_args, ntasks or get_num_threads())
-    return conv_backward_data_gemm
+                      pro_args, epi_args, nt)
+    return conv
 
 
 def conv_backward_data(dy, w, dx, stride, pad):
-    """The default variant (gemm), no hooks."""
+    """4. The default variant (direct; stride 2 through the im2col phases), no hooks."""
     make_conv_backward_data()(dy, w, dx, stride, pad)
+
+
+def conv_backward_data_im2col(dy, w, dx, stride, pad):
+    """3. One implicit GEMM per stride phase, no hooks."""
+    make_conv_backward_data(engine="im2col")(dy, w, dx, stride, pad)
 
 
 class ConvBackwardData(ConvForward):
@@ -159,8 +189,8 @@ class ConvBackwardData(ConvForward):
 
     name = "conv_bwd_data"
     variants = {"naive": conv_backward_data_naive, "blocked": conv_backward_data_blocked,
-                "gemm": conv_backward_data}
-    default = "gemm"
+                "im2col": conv_backward_data_im2col, "direct": conv_backward_data}
+    default = "direct"
 
     def make_inputs(self, rng):
         mb, ic, _, _, oc, kh, kw, oh, ow = self.dims()

@@ -268,7 +268,8 @@ def hooked(factory):
         key = tuple(bound.arguments.values())
         if key not in cache:
             for hook in key:
-                stable(hook)
+                if isinstance(hook, Dispatcher):  # not the plain options (an engine name)
+                    stable(hook)
             cache[key] = factory(*key)
         return cache[key]
     return make

@@ -124,7 +124,7 @@ class ConvFwdBNReLU(_Site):
     def cost(self, variant):
         mb, ic, ih, iw, oc, kh, kw, oh, ow = self.dims()
         sx, sy, w = mb * ih * iw * ic * F32, mb * oh * ow * oc * F32, oc * kh * kw * ic * F32
-        conv = ConvForward(self.shape).cost("gemm")
+        conv = ConvForward(self.shape).cost(ConvForward.default)
         if variant == "separate":  # + normalize (x -> z) + statistics (y)
             return conv + Cost(3 * sx // F32 + 3 * sy // F32, sx + sy, sx)
         return Cost(conv.flops + 3 * sx // F32 + 3 * sy // F32, sx + w, sy)
@@ -166,7 +166,7 @@ class ConvBwdDataReLUSums(_Site):
     def cost(self, variant):
         mb, ic, ih, iw = self.dims()[:4]
         sx = mb * ih * iw * ic * F32
-        conv = ConvBackwardData(self.shape).cost("gemm")
+        conv = ConvBackwardData(self.shape).cost(ConvBackwardData.default)
         if variant == "separate":  # + the mask-and-sums pass: reads dz and x, writes g
             return conv + Cost(4 * sx // F32, 2 * sx, sx)
         return conv + Cost(4 * sx // F32, sx, 0)

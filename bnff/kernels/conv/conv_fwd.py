@@ -9,14 +9,18 @@ Variants (all `f(x, w, y, stride, pad)`, y preallocated [N, OH, OW, OC]):
 1. naive:   one output value at a time, a dot product over ic per tap.
 2. blocked: weights repacked to 16-channel blocks; each pixel accumulates 16 output channels
             at once in a vectorized inner loop, tasks are (image row, channel block).
-3. gemm:    implicit GEMM: row blocks of im2col(x) packed on the fly (prologue applied there),
-            6x16 register-blocked micro-kernel, epilogue on each finished tile.
+3. im2col:  implicit GEMM: row blocks of im2col(x) packed on the fly (prologue applied there),
+            6 x NR register-blocked micro-kernel, epilogue on each finished tile.
+4. direct:  the direct engine (conv_direct): RP pixels x NR channels register tiles read
+            straight from NHWC rows, the prologue applied once per element into a padded band
+            of rows, the epilogue once per output row and channel panel. The default.
 
-For the fused schedules: `make_conv_forward(prologue, epilogue)` returns the gemm kernel
+For the fused schedules: `make_conv_forward(prologue, epilogue, engine="direct")` returns
     conv(x, w, y, stride, pad, pro_args=(), epi_args=(), ntasks=numba.get_num_threads())
 with the hooks compiled in (prologue sees x, epilogue sees y; see conv_common); x and y may be
 channel slices of wider buffers (conv_common.pixels).
 `conv_forward(x, w, y, stride, pad)` is the default variant without hooks.
+engine="im2col" gives the implicit GEMM with the same signature.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from bnff.kernels.conv.conv_common import (conv_flops, from_ohwi, hooked, identi
                                            identity_prologue, make_igemm, out_size, pack_b_rows,
                                            pixels, tap_groups)
 from bnff.engine.gemm import NR
+from bnff.kernels.conv.conv_direct import make_direct, pack_panels
 from bnff.kernels.stage import F32, Cost, Stage
 
 
@@ -103,23 +108,41 @@ def forward_operands(w, pad):
 
 
 @hooked
-def make_conv_forward(prologue=identity_prologue, epilogue=identity_epilogue):
-    """3. Implicit GEMM with `prologue` (on x) and `epilogue` (on y) compiled in; memoized."""
-    igemm = make_igemm(prologue, epilogue)
+def make_conv_forward(prologue=identity_prologue, epilogue=identity_epilogue, engine="direct"):
+    """3./4. The conv with `prologue` (on x) and `epilogue` (on y) compiled in; memoized.
+    engine "direct" (the default: conv_direct, no im2col) or "im2col" (implicit GEMM)."""
+    if engine == "im2col":
+        igemm = make_igemm(prologue, epilogue)
 
-    def conv_forward_gemm(x, w, y, stride, pad, pro_args=(), epi_args=(), ntasks=None):
-        bp, groups = forward_operands(w, pad)
-        n, h, wd, c = x.shape
-        _, oh, ow, oc = y.shape
-        (xf, xps), (yf, yps) = pixels(x), pixels(y)
-        igemm(xf, h, wd, c, xps, yf, n, oh, ow, oc, yps, False, bp, stride, *groups, oh, ow,
-              0, 0, 1, pro_args, epi_args, ntasks or get_num_threads())
-    return conv_forward_gemm
+        def conv(x, w, y, stride, pad, pro_args=(), epi_args=(), ntasks=None):
+            bp, groups = forward_operands(w, pad)
+            n, h, wd, c = x.shape
+            _, oh, ow, oc = y.shape
+            (xf, xps), (yf, yps) = pixels(x), pixels(y)
+            igemm(xf, h, wd, c, xps, yf, n, oh, ow, oc, yps, False, bp, stride, *groups, oh,
+                  ow, 0, 0, 1, pro_args, epi_args, ntasks or get_num_threads())
+    else:
+        direct = make_direct(prologue, epilogue)
+
+        def conv(x, w, y, stride, pad, pro_args=(), epi_args=(), ntasks=None):
+            oc, kh, kw, ic = w.shape
+            n, h, wd, c = x.shape
+            _, oh, ow, _ = y.shape
+            (xf, xps), (yf, yps) = pixels(x), pixels(y)
+            direct(xf, n, h, wd, c, xps, yf, oh, ow, oc, yps, False,
+                   pack_panels(w.reshape(oc, -1)), kh, kw, stride, pad, pad, pro_args,
+                   epi_args, ntasks or get_num_threads())
+    return conv
 
 
 def conv_forward(x, w, y, stride, pad):
-    """The default variant (gemm), no hooks."""
+    """4. The default variant (direct), no hooks."""
     make_conv_forward()(x, w, y, stride, pad)
+
+
+def conv_forward_im2col(x, w, y, stride, pad):
+    """3. Implicit GEMM, no hooks."""
+    make_conv_forward(engine="im2col")(x, w, y, stride, pad)
 
 
 class ConvForward(Stage):
@@ -127,8 +150,8 @@ class ConvForward(Stage):
 
     name = "conv_fwd"
     variants = {"naive": conv_forward_naive, "blocked": conv_forward_blocked,
-                "gemm": conv_forward}
-    default = "gemm"
+                "im2col": conv_forward_im2col, "direct": conv_forward}
+    default = "direct"
     examples = tuple(f"mb2ic{ic}ih{hw}iw{hw + 1}oc{oc}kh{k}kw{k}sh{s}ph{p}"
                      for ic, oc, k, s, p, hw in (  # inherited by the other conv stages
         (3, 64, 7, 2, 3, 14),       # stem
