@@ -47,7 +47,7 @@ from bnff.kernels.conv.conv_common import identity_prologue, pixels, stable
 
 V = max(1, 32 // W)           # dy vectors per tile row: OB = 32 output channels
 OB = V * W
-VREGS = 32 if W == 16 else 16  # TODO(vec width): from bnff.engine.vec once merged
+VREGS = 32  # TODO(vec width): from bnff.engine.vec once merged
 R = min(12, (VREGS - V - 1) // V)
 PIX = 112                      # pixels per block (about): dy block of OB channels in L1
 
@@ -85,16 +85,29 @@ def block_rows(oh, ow):
     return max(1, min(oh, -(-PIX // ow)))
 
 
+@njit(cache=True)
+def tail(J):
+    """A run of J floats as full R-float tiles over j < jf, then (J % R > 0) a tail tile read
+    from js = J - R (J >= R: never past the run's end, so x can be read in place) or from 0
+    (J < R: the band's slack is read past the run), held in partial rows jf .. jf + R:
+    (jf, js), js = -1 without a tail."""
+    jf = J // R * R
+    return jf, (-1 if jf == J else max(J - R, 0))
+
+
 @njit(parallel=True, cache=True)
 def merge_partials(part, dw, IC):
-    """dw[oc, kh, kw, ic] = sum_t part[t, kh, kw*IC + ic, oc]."""
+    """dw[oc, kh, kw, ic] = sum_t part[t, kh, row(kw*IC + ic), oc], row(j) = j in the full
+    tiles, jf + j - js in the tail (see `tail`)."""
     OC, KH, KW, _ = dw.shape
+    jf, js = tail(KW * IC)
     for oc in prange(OC):
         for kh in range(KH):
             for j in range(KW * IC):
+                row = j if j < jf else jf + j - js
                 acc = np.float32(0.0)
                 for t in range(part.shape[0]):
-                    acc += part[t, kh, j, oc]
+                    acc += part[t, kh, row, oc]
                 dw[oc, kh, j // IC, j % IC] = acc
 
 
@@ -113,7 +126,8 @@ def make_direct_backward_weights(prologue_x=identity_prologue, prologue_dy=ident
     def kernel(x1, N, H, Wd, IC, xps, dy1, OH, OW, OC, yps, KH, KW, s, p, part, rb, direct_x,
                direct_y, px_args, pdy_args, nt):
         J = KW * IC
-        JR = J + R
+        jf, js = tail(J)
+        JR = jf + R
         OCp = part.shape[3]
         nrb = (OH + rb - 1) // rb
         nblocks = N * nrb
@@ -176,8 +190,11 @@ def make_direct_backward_weights(prologue_x=identity_prologue, prologue_dy=ident
                     ycs = OCp
                 for ob in range(0, OCp, OB):
                     for kh in range(KH):
-                        for j0 in range(0, J, R):
-                            tile(nr, OW, xa, xi + kh * xks + j0, xrs, xcs, ya, yi + ob, yrs,
+                        for j0 in range(0, jf + R, R):  # full tiles, then the tail from js
+                            if j0 == jf and js < 0:
+                                break
+                            j = j0 if j0 < jf else js
+                            tile(nr, OW, xa, xi + kh * xks + j, xrs, xcs, ya, yi + ob, yrs,
                                  ycs, pt, (kh * JR + j0) * OCp + ob, OCp)
 
     def conv_backward_weights_direct(x, dy, dw, stride, pad, px_args=(), pdy_args=(),
@@ -187,11 +204,10 @@ def make_direct_backward_weights(prologue_x=identity_prologue, prologue_dy=ident
         n, h, w, _ = x.shape
         _, oh, ow, _ = dy.shape
         (xf, xps), (yf, yps) = pixels(x), pixels(dy)
-        direct_x = prologue_x is identity_prologue and KH == KW == 1 and pad == 0 and \
-            IC % R == 0
+        direct_x = prologue_x is identity_prologue and KH == KW == 1 and pad == 0 and IC >= R
         direct_y = prologue_dy is identity_prologue and OC % OB == 0
         ocp = -(-OC // OB) * OB
-        part = np.empty((nt, KH, KW * IC + R, ocp), np.float32)
+        part = np.empty((nt, KH, tail(KW * IC)[0] + R, ocp), np.float32)
         rb = block_rows(oh, ow)
         kernel(xf, n, h, w, IC, xps, yf, oh, ow, OC, yps, KH, KW, stride, pad, part, rb,
                direct_x, direct_y, px_args, pdy_args, nt)
@@ -199,3 +215,78 @@ def make_direct_backward_weights(prologue_x=identity_prologue, prologue_dy=ident
 
     _cache[key] = conv_backward_weights_direct
     return conv_backward_weights_direct
+
+
+BENCH = {  # name: (ic, spatial, oc, kernel, stride, pad) of real convs at 224x224
+    "dn-3x3-56": (128, 56, 32, 3, 1, 1),
+    "dn-3x3-28": (128, 28, 32, 3, 1, 1),
+    "dn-3x3-14": (128, 14, 32, 3, 1, 1),
+    "stem": (3, 224, 64, 7, 2, 3),
+    "dn-1x1-160": (160, 56, 128, 1, 1, 0),
+    "dn-1x1-256": (256, 56, 128, 1, 1, 0),
+    "dn-1x1-1024": (1024, 14, 512, 1, 1, 0),
+    "rn-3x3-64": (64, 56, 64, 3, 1, 1),
+    "rn-1x1-256": (256, 56, 64, 1, 1, 0),
+    "rn-1x1-512": (512, 28, 128, 1, 1, 0),
+}
+
+
+def main(argv=None):
+    """Per BENCH shape: the direct and the im2col kernel validated against the float64
+    reference (batch 1), then timed interleaved at --batch (median of --reps after a warm-up
+    call), GFLOP/s and % of numpy sgemm (2048^3) of the same process. Threads: NUMBA_NUM_THREADS
+    and OPENBLAS_NUM_THREADS of the environment."""
+    import argparse
+    import statistics
+    import time
+
+    from bnff.kernels.conv.conv_bwd_weights import ConvBackwardWeights, make_conv_backward_weights
+
+    ap = argparse.ArgumentParser(prog="python -m bnff.kernels.conv.conv_direct_bww",
+                                 description=main.__doc__)
+    ap.add_argument("shapes", nargs="*", help=f"some of {', '.join(BENCH)} (default: all)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args(argv)
+    if set(args.shapes) - set(BENCH):
+        ap.error(f"unknown shapes {sorted(set(args.shapes) - set(BENCH))}")
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    c = a @ a
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.matmul(a, a, out=c)
+        ts.append(time.perf_counter() - t0)
+    sg = 2 * 2048 ** 3 / statistics.median(ts) / 1e9
+    print(f"{get_num_threads()} threads, W {W}, tile {R} x {OB}, sgemm {sg:.1f} GFLOP/s, "
+          f"batch {args.batch}, median of {args.reps}", flush=True)
+    kernels = {"direct": make_direct_backward_weights(), "im2col": make_conv_backward_weights()}
+    for name in args.shapes or BENCH:
+        ic, hw, oc, k, s, p = BENCH[name]
+        for mb in (1, args.batch):
+            st = ConvBackwardWeights(dict(mb=mb, ic=ic, ih=hw, iw=hw, oc=oc, kh=k, kw=k, sh=s,
+                                          ph=p))
+            ins = st.make_inputs(np.random.default_rng(0))
+            outs = {v: np.full((oc, k, k, ic), np.nan, np.float32) for v in kernels}
+            for v, f in kernels.items():
+                f(ins["x"], ins["dy"], outs[v], s, p)
+            if mb == 1:
+                ref = st.reference(ins)
+                errs = {v: st.max_rel_error({"dw": o}, ref) for v, o in outs.items()}
+                if max(errs.values()) > st.tolerance:
+                    raise SystemExit(f"{name}: wrong result, max rel error {errs}")
+                continue
+            times = {v: [] for v in kernels}
+            for _ in range(args.reps):
+                for v, f in kernels.items():
+                    t0 = time.perf_counter()
+                    f(ins["x"], ins["dy"], outs[v], s, p)
+                    times[v].append(time.perf_counter() - t0)
+            gf = {v: st.cost(v).flops / statistics.median(t) / 1e9 for v, t in times.items()}
+            print(f"{st.descriptor():36s} " + "  ".join(
+                f"{v} {g:6.1f} GFLOP/s {100 * g / sg:3.0f} %" for v, g in gf.items()),
+                flush=True)
+
+
+if __name__ == "__main__":
+    main()
