@@ -14,7 +14,7 @@ from bnff.suites import networks
 from bnff.suites.graph import GraphError
 
 TINY = ["--array-mib", "1", "--gemm-n", "64", "--reps", "1"]
-MACHINE = ["cpu_model", "cores", "l1d_bytes", "l2_bytes", "l3_bytes", "python", "numpy", "numba",
+MACHINE = ["cpu_model", "vec_width", "cores", "l1d_bytes", "l2_bytes", "l3_bytes", "python", "numpy", "numba",
            "threading_layer", "git_commit", "timestamp"]
 
 

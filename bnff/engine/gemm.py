@@ -14,14 +14,16 @@ hierarchy while it is reused:
           for ir in MC step MR:              micro-kernel, an MR x NR tile of C in registers:
             for p in KC:  tile[r, :] += broadcast(Ap[ir + r][p]) * Bp[jr, pc + p, :]
 
-MR = 6, NR = 16: the tile is 6 x 2 vectors of 8 float32 = 12 accumulator registers, plus two
-B vectors and one broadcast A value; that fits the 16 vector registers of AVX2 (and of any
-ISA with 16 or more), and each k step does 12 FMAs for 2 vector loads and 6 broadcasts.
+MR = 6, NR = 2 W (16 with W = 8 lanes, 32 with W = 16, bnff/engine/vec.py): the tile is 6 x 2
+vectors = 12 accumulator registers, plus two B vectors and one broadcast A value; that fits the
+16 vector registers of AVX2 (and of any ISA with 16 or more), and each k step does 12 FMAs for
+2 vector loads and 6 broadcasts. KC = 4096 / NR keeps the KC x NR B slice at 16 KiB, half of
+a 32 KiB L1, at either width.
 
 Why explicit vectors: LLVM splits a register tile written as nested loops over a small local
 array into scalars before vectorizing (scalar vfmadd231ss, ~6 GFLOP/s). Here the tile is twelve
-local variables of type `f32x8` (bnff/engine/vec.py, LLVM `<8 x float>`), so the accumulators stay
-in registers.
+local variables of type `f32v` (bnff/engine/vec.py, LLVM `<W x float>`), so the accumulators
+stay in registers.
 `tile` and `ukernel` are inlined at the Numba level: as calls, each passed its arrays with
 atomic reference-count updates, and the shared arrays' counters bounced between cores.
 The strides of the packed A are compile-time constants (`make_tile`), so the six broadcasts
@@ -35,8 +37,8 @@ from numba import njit, prange
 
 from bnff.engine.vec import W, prefetch, vadd, vbroadcast, vfma, vload, vstore, vzero
 
-MR, NR = 6, 16   # register tile: MR rows x NR columns = MR x (NR / W) vectors
-KC, MC = 256, 144  # cache blocking: KC x NR B slice in L1, MC x KC packed A block in L2
+MR, NR = 6, 2 * W  # register tile: MR rows x NR columns = MR x 2 vectors
+KC, MC = 4096 // NR, 144  # cache blocking: KC x NR B slice in L1, MC x KC packed A block in L2
 
 
 def make_tile(rs, ps):

@@ -1,23 +1,83 @@
-"""Explicit 8-lane vectors for Numba kernels: `f32x8` (LLVM `<8 x float>`) and `f64x8`
-(`<8 x double>`), with intrinsics that load, store, broadcast, add, multiply-add, widen and
+"""Explicit W-lane vectors for Numba kernels: `f32v` (LLVM `<W x float>`) and `f64v`
+(`<W x double>`), with intrinsics that load, store, broadcast, add, multiply-add, widen and
 mask them.
 
 Why: LLVM splits small register tiles written as loops over local arrays into scalars, and
 leaves short strided loops with per-element branches scalar. Values of these types are plain
-SSA vectors, so they stay in registers. The 8-lane width legalizes on any target: one ymm
-(f32x8) or two (f64x8) on AVX2, two or four q registers on Arm NEON.
+SSA vectors, so they stay in registers.
+
+The width is the host's, chosen when this module loads: W = 16 float32 lanes (one zmm) where
+the CPU Numba compiles for has AVX-512F, else W = 8 (one ymm on AVX2, two q registers on Arm
+NEON: 8 lanes legalize on any target). The environment variable BNFF_VEC_WIDTH=8|16 forces
+it, so the tests run every width on any machine and compare. VREGS is how many W-lane float32
+vectors the register file holds (32 zmm or ymm with AVX-512, 16 ymm with AVX2, 32 q = 16
+8-lane vectors on AArch64, half as many when W is forced above the native width): register
+tiles are sized from it. A forced width other than the host's compiles into its own Numba
+cache directory (`numba-w<W>` beside the default one): Numba keys a cached function by its own
+bytecode, not by the globals (W, NR) it inlines, so one cache would serve code of the wrong
+width.
 
 Addresses are flat element indices into C-contiguous arrays; loads and stores are unaligned.
 """
 from __future__ import annotations
 
+import os
+import platform
+
+import llvmlite.binding as llvm
+import numba
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.core.extending import _Intrinsic
 from numba.extending import intrinsic, models, register_model
 
-W = 8  # lanes
+WIDTHS = (8, 16)
+ENV = "BNFF_VEC_WIDTH"
+
+
+def _has_avx512f() -> bool:
+    """Whether the CPU Numba compiles for has AVX-512F (NUMBA_CPU_FEATURES when set)."""
+    if numba.config.CPU_FEATURES is not None:
+        return "+avx512f" in numba.config.CPU_FEATURES.split(",")
+    try:
+        return bool(llvm.get_host_cpu_features().get("avx512f", False))
+    except RuntimeError:  # features unknown to LLVM on this host
+        return False
+
+
+def host_width() -> int:
+    """16 float32 lanes with AVX-512F, else 8."""
+    return 16 if _has_avx512f() else 8
+
+
+def _width() -> int:
+    forced = os.environ.get(ENV, "").strip()
+    if not forced:
+        return host_width()
+    if forced not in {str(w) for w in WIDTHS}:
+        raise ValueError(f"{ENV}={forced!r}: expected one of {', '.join(map(str, WIDTHS))}")
+    return int(forced)
+
+
+def _vregs(w: int) -> int:
+    """W-lane float32 vectors the register file holds."""
+    if _has_avx512f():
+        regs, bits = 32, 512
+    elif platform.machine().lower() in ("aarch64", "arm64"):
+        regs, bits = 32, 128
+    else:
+        regs, bits = 16, 256
+    return regs * min(bits, 32 * w) // (32 * w)
+
+
+W = _width()  # lanes
+VREGS = _vregs(W)
+
+if W != host_width():  # forced: a cache of its own (see the module docstring)
+    numba.config.CACHE_DIR = os.path.join(
+        numba.config.CACHE_DIR or os.path.join(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), "__pycache__"), f"numba-w{W}")
 
 _LLVM = {types.float32: ir.FloatType(), types.float64: ir.DoubleType()}
 
@@ -28,9 +88,9 @@ class Vec(types.Type):
         super().__init__(name=f"{'f32' if dtype == types.float32 else 'f64'}x{W}")
 
 
-f32x8 = Vec(types.float32)
-f64x8 = Vec(types.float64)
-_VEC = {types.float32: f32x8, types.float64: f64x8}
+f32v = Vec(types.float32)
+f64v = Vec(types.float64)
+_VEC = {types.float32: f32v, types.float64: f64v}
 
 
 @register_model(Vec)
@@ -64,19 +124,19 @@ def _same(*vs):
 
 @intrinsic
 def vzero(typingctx):
-    """The f32x8 zero."""
-    return f32x8(), lambda context, builder, sig, args: ir.Constant(_ir(f32x8), None)
+    """The f32v zero."""
+    return f32v(), lambda context, builder, sig, args: ir.Constant(_ir(f32v), None)
 
 
 @intrinsic
 def vzero64(typingctx):
-    """The f64x8 zero."""
-    return f64x8(), lambda context, builder, sig, args: ir.Constant(_ir(f64x8), None)
+    """The f64v zero."""
+    return f64v(), lambda context, builder, sig, args: ir.Constant(_ir(f64v), None)
 
 
 @intrinsic
 def vload(typingctx, a, i):
-    """a.flat[i:i+8] as a vector of a's dtype."""
+    """a.flat[i:i+W] as a vector of a's dtype."""
     vt = _array(a, i)
     if vt is None:
         return None
@@ -89,7 +149,7 @@ def vload(typingctx, a, i):
 
 @intrinsic
 def vbroadcast(typingctx, a, i):
-    """a.flat[i] in all 8 lanes."""
+    """a.flat[i] in all W lanes."""
     vt = _array(a, i)
     if vt is None:
         return None
@@ -105,7 +165,7 @@ def vbroadcast(typingctx, a, i):
 
 @intrinsic
 def vstore(typingctx, a, i, v):
-    """a.flat[i:i+8] = v."""
+    """a.flat[i:i+W] = v."""
     vt = _array(a, i)
     if vt is None or v != vt:
         return None
@@ -141,10 +201,10 @@ def vadd(typingctx, a, b):
 
 @intrinsic
 def vwiden(typingctx, a):
-    """f32x8 -> f64x8, exactly."""
-    if a != f32x8:
+    """f32v -> f64v, exactly."""
+    if a != f32v:
         return None
-    return f64x8(a), lambda context, builder, sig, args: builder.fpext(args[0], _ir(f64x8))
+    return f64v(a), lambda context, builder, sig, args: builder.fpext(args[0], _ir(f64v))
 
 
 @intrinsic

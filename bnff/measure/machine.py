@@ -1,8 +1,9 @@
 """The machine columns every result row carries, and the CSV writer the commands share.
 
 machine_info() -> dict: cpu_model (/proc/cpuinfo, else lscpu, else platform), cpu_arch (the
-LLVM CPU name Numba compiles for), cores, l1d_bytes, l2_bytes, l3_bytes (per instance, from
-sysfs), python, numpy, numba, threading_layer (the layer Numba actually loaded, read after a
+LLVM CPU name Numba compiles for), vec_width (float32 lanes of bnff/engine/vec.py's vectors,
+the host's or forced by BNFF_VEC_WIDTH), cores, l1d_bytes, l2_bytes, l3_bytes (per instance,
+from sysfs), python, numpy, numba, threading_layer (the layer Numba actually loaded, read after a
 parallel call), git_commit, timestamp (UTC).
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from bnff.cli.args import UserError
+from bnff.engine.vec import W
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LLC = 32 << 20  # assumed when sysfs tells nothing
@@ -94,6 +96,7 @@ def git_commit() -> str:
 
 def machine_info() -> dict:
     return {"cpu_model": cpu_model(), "cpu_arch": llvm.get_host_cpu_name(),
+            "vec_width": W,
             "cores": os.cpu_count() or 1, **cache_sizes(),
             "python": platform.python_version(), "numpy": np.__version__,
             "numba": numba.__version__, "threading_layer": threading_layer(),

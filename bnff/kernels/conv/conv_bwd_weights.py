@@ -13,10 +13,10 @@ Variants (all `f(x, dy, dw, stride, pad)`, dw preallocated [OC, KH, KW, IC]):
 2. blocked: tasks are pixel ranges, each with its own partial dw, rank-1 updates per pixel.
 3. gemm:    per task, for each block of MC output channels and each block of KC of its
             pixels: dy^T packed once into k-major MR-row micro-panels (L2), then per block of
-            NCB columns im2col(x) packed into NR-wide panels (L2), 6x16 micro-kernel
+            NCB columns im2col(x) packed into NR-wide panels (L2), 6 x NR micro-kernel
             accumulating into the task's partial dw. Each operand is packed pixel by pixel:
             the prologue runs along one contiguous row (a long loop LLVM vectorizes) into a
-            small buffer, then 8-float vector moves place the row in the panels (copied per
+            small buffer, then W-float vector moves place the row in the panels (copied per
             element, 16- or 6-float pieces stayed scalar in the assembly: LLVM unrolls them
             fully and, unable to prove the source and the panels apart, does not pair them).
 
@@ -163,16 +163,17 @@ def make_conv_backward_weights(prologue_x=identity_prologue, prologue_dy=identit
                         pix[p] = (n * H + py[p]) * W + px[p]
                     # A = dy^T[r0:r0+mc, p0:p0+kc] k-major in MR-row micro-panels, rows past
                     # mc zero: ap[(r // MR)*KC*MR + p*MR + r % MR]. Per pixel, the prologue
-                    # runs along the dy row into `arow` (a long loop, vectorized), then 8-float
-                    # vector moves place it: each spills 2 floats into the next pixel's slot,
-                    # written after it (the last pixel of a full block moves 6 scalars).
+                    # runs along the dy row into `arow` (a long loop, vectorized), then W-float
+                    # vector moves place it: each spills W - MR floats into the next pixels'
+                    # slots, written after it (the last pixels of a micro-panel, whose spill
+                    # would leave it, move MR scalars).
                     for p in range(kc):
                         s = (p0 + p) * yps + r0
                         for r in range(mc):
                             i = np.uint64(s + r)
                             arow[r] = prologue_dy(dy1[i], i, np.uint64(r0 + r), pdy_args)
                         o = p * MR
-                        if p < KC - 1:
+                        if p * MR + W8 <= KC * MR:
                             for q in range(0, mc, MR):
                                 vstore(ap, o, vload(arow, q))
                                 o += KC * MR
