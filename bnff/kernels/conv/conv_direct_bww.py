@@ -42,14 +42,15 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from bnff.engine.vec import W, vadd, vbroadcast, vfma, vload, vstore, vzero
+from bnff.engine.vec import VREGS, W, vadd, vbroadcast, vfma, vload, vstore, vzero
 from bnff.kernels.conv.conv_common import identity_prologue, pixels, stable
 
 V = max(1, 32 // W)           # dy vectors per tile row: OB = 32 output channels
 OB = V * W
-VREGS = 32  # TODO(vec width): from bnff.engine.vec once merged
 R = min(12, (VREGS - V - 1) // V)
-PIX = 112                      # pixels per block (about): dy block of OB channels in L1
+PIX = 112                      # pixels per block at least: a dy slab of OB channels in L1
+PART_TRAFFIC = 1 / 256         # at most this many partial floats swept per FLOP: P >= 256 / 2
+JC = 16 * R                    # floats of a run per x chunk: P x JC floats in L2
 
 
 def _tile_source(r_, v_):
@@ -80,9 +81,12 @@ def _tile_source(r_, v_):
 tile = njit(fastmath=True, inline="always")(_tile_source(R, V))
 
 
-def block_rows(oh, ow):
-    """Output rows per block: about PIX pixels, no more than the image has."""
-    return max(1, min(oh, -(-PIX // ow)))
+def block_rows(oh, ow, part_floats):
+    """Output rows per block, no more than the image has: PIX pixels or more, enough that a
+    block's FLOPs (2 P per partial float) amortize the sweep of the task's partial (which
+    leaves L2 for large dw)."""
+    big = part_floats * 4 > (1 << 19)
+    return max(1, min(oh, -(-(int(1 / PART_TRAFFIC / 2) if big else PIX) // ow)))
 
 
 @njit(cache=True)
@@ -188,14 +192,17 @@ def make_direct_backward_weights(prologue_x=identity_prologue, prologue_dy=ident
                     yi = 0
                     yrs = OW * OCp
                     ycs = OCp
-                for ob in range(0, OCp, OB):
-                    for kh in range(KH):
-                        for j0 in range(0, jf + R, R):  # full tiles, then the tail from js
-                            if j0 == jf and js < 0:
-                                break
-                            j = j0 if j0 < jf else js
-                            tile(nr, OW, xa, xi + kh * xks + j, xrs, xcs, ya, yi + ob, yrs,
-                                 ycs, pt, (kh * JR + j0) * OCp + ob, OCp)
+                # x chunks of JC floats of the run (L2) outermost, dy's OB-channel slabs (L1)
+                # next: each operand is reused from its cache level
+                for kh in range(KH):
+                    for jc in range(0, jf + R, JC):
+                        for ob in range(0, OCp, OB):
+                            for j0 in range(jc, min(jc + JC, jf + R), R):
+                                if j0 == jf and js < 0:  # no tail
+                                    break
+                                j = j0 if j0 < jf else js
+                                tile(nr, OW, xa, xi + kh * xks + j, xrs, xcs, ya, yi + ob, yrs,
+                                     ycs, pt, (kh * JR + j0) * OCp + ob, OCp)
 
     def conv_backward_weights_direct(x, dy, dw, stride, pad, px_args=(), pdy_args=(),
                                      ntasks=None):
@@ -208,7 +215,7 @@ def make_direct_backward_weights(prologue_x=identity_prologue, prologue_dy=ident
         direct_y = prologue_dy is identity_prologue and OC % OB == 0
         ocp = -(-OC // OB) * OB
         part = np.empty((nt, KH, tail(KW * IC)[0] + R, ocp), np.float32)
-        rb = block_rows(oh, ow)
+        rb = block_rows(oh, ow, part[0].size)
         kernel(xf, n, h, w, IC, xps, yf, oh, ow, OC, yps, KH, KW, stride, pad, part, rb,
                direct_x, direct_y, px_args, pdy_args, nt)
         merge_partials(part, dw, IC)
