@@ -49,7 +49,8 @@ V = max(1, 32 // W)           # dy vectors per tile row: OB = 32 output channels
 OB = V * W
 R = min(12, (VREGS - V - 1) // V)
 PIX = 112                      # pixels per block at least: a dy slab of OB channels in L1
-PART_TRAFFIC = 1 / 256         # at most this many partial floats swept per FLOP: P >= 256 / 2
+PIX_BIG = 256                  # pixels per block at least when the task's partial exceeds
+PART_L2 = 1 << 19              # these bytes (it then streams from L3 once per block)
 JC = 16 * R                    # floats of a run per x chunk: P x JC floats in L2
 
 
@@ -85,8 +86,8 @@ def block_rows(oh, ow, part_floats):
     """Output rows per block, no more than the image has: PIX pixels or more, enough that a
     block's FLOPs (2 P per partial float) amortize the sweep of the task's partial (which
     leaves L2 for large dw)."""
-    big = part_floats * 4 > (1 << 19)
-    return max(1, min(oh, -(-(int(1 / PART_TRAFFIC / 2) if big else PIX) // ow)))
+    pix = PIX_BIG if part_floats * 4 > PART_L2 else PIX
+    return max(1, min(oh, -(-pix // ow)))
 
 
 @njit(cache=True)
@@ -247,7 +248,7 @@ def main(argv=None):
     import statistics
     import time
 
-    from bnff.kernels.conv.conv_bwd_weights import ConvBackwardWeights, make_conv_backward_weights
+    from bnff.kernels.conv.conv_bwd_weights import ConvBackwardWeights, make_im2col_backward_weights
 
     ap = argparse.ArgumentParser(prog="python -m bnff.kernels.conv.conv_direct_bww",
                                  description=main.__doc__)
@@ -267,7 +268,7 @@ def main(argv=None):
     sg = 2 * 2048 ** 3 / statistics.median(ts) / 1e9
     print(f"{get_num_threads()} threads, W {W}, tile {R} x {OB}, sgemm {sg:.1f} GFLOP/s, "
           f"batch {args.batch}, median of {args.reps}", flush=True)
-    kernels = {"direct": make_direct_backward_weights(), "im2col": make_conv_backward_weights()}
+    kernels = {"direct": make_direct_backward_weights(), "im2col": make_im2col_backward_weights()}
     for name in args.shapes or BENCH:
         ic, hw, oc, k, s, p = BENCH[name]
         for mb in (1, args.batch):
