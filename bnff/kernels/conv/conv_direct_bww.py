@@ -16,22 +16,57 @@ of dy's row, W = bnff.engine.vec.W lanes): R*V accumulators held over all pixels
 then added into the task's partial. Per pixel, V vector loads and R broadcasts feed R*V FMAs.
 OB = 32 output channels (DenseNet's growth rate: the most frequent conv, 3x3 128->32, has no
 more), so V = 32/W; R fills the register file: R*V accumulators + V dy vectors + a broadcast
-within the host's vector registers (R = 12 at 16 lanes with 32 registers, 2 at 8 lanes
-with 16).
+within the host's vector registers (bnff.engine.vec.VREGS), at most 12: R = 12 at 16 lanes
+(24 zmm accumulators), 6 at 8 lanes with 32 registers, 2 at 8 lanes with 16 (AVX2). Measured
+on the Zen 5 VM below, DenseNet's 3x3 128->32 (batch 16, 56x56, 1 thread): 8 accumulators
+(W = 8, R = 2) ran at 44 GFLOP/s, 24 (W = 8, R = 6) at 101-108, 24 zmm (W = 16, R = 12) at 196.
 
 Bands. Per task and per block of rb output rows of one image, x's rows ih = oh0*s - p ..
 are copied into a per-task band, zero in the padding, `prologue_x` applied once per element
-(the recomputed BN+ReLU of the fused schedules), so the tile has no edge cases; a run read
-past its end (J not a multiple of R) reads the band's next floats into partial rows j >= J,
-never stored. dy's rows are read in place when no prologue applies and OC is a multiple of
-OB; otherwise (`prologue_dy`, the BN input gradient a*dy + p*x' + q formed once per element,
-or an odd OC) the block's rows are copied into a dy band with OC padded to OB with zeros.
-A 1x1 conv without padding or prologue reads x in place too (its run is one pixel's channels,
-read with x's pixel stride), when IC is a multiple of R.
+(the recomputed BN+ReLU of the fused schedules), so the tile has no edge cases. dy's rows are
+read in place when no prologue applies and OC is a multiple of OB; otherwise (`prologue_dy`,
+the BN input gradient a*dy + p*x' + q formed once per element, or an odd OC) the block's rows
+are copied into a dy band with OC padded to OB with zeros. A 1x1 conv without padding or
+prologue reads x in place too (its run is one pixel's channels, read with x's pixel stride),
+when IC >= R. A run whose length J is not a multiple of R ends with a tail tile read from
+J - R (`tail`), so nothing is read past a run (J < R only in a band, which has R floats of
+slack).
 
-Tasks split the blocks (contiguous ranges) and reduce into their own partials [KH, J + R, OCp]
+Blocking. A block has at least PIX = 112 pixels (a dy slab of 32 channels, 14 KiB, stays in
+L1 while the tiles of a run sweep it), PIX_BIG = 256 when the task's partial exceeds 512 KiB
+(it is swept once per block from L3: 1x1 1024->512 at 14x14 went from 181 to 214 GFLOP/s at
+2 threads). Within a block the run is cut into chunks of JC floats (P x JC in L2) taken
+outermost, then dy's 32-channel slabs, then the tiles of the chunk.
+
+Tasks split the blocks (contiguous ranges) and reduce into their own partials [KH, jf + R, OCp]
 (oc fastest: the tile's vector stores); the partials are summed and transposed into OHWI at the
 end. x and dy may be channel slices of wider buffers (conv_common.pixels).
+
+Measured (python -m bnff.kernels.conv.conv_direct_bww --reps 5 under bnff-timed, batch 16,
+224x224 networks' shapes, median of 5 interleaved calls, compile excluded): 2-vCPU AMD EPYC
+Zen 5 (znver5, AVX-512 with full-width FMA, L1d 48 KiB, L2 1 MiB per core), W = 16, numba
+0.68, at b808d08. GFLOP/s direct / im2col (numpy sgemm 2048^3 of the same process: 107 at 1
+thread, 201 at 2), and the time of the direct kernel with bnff's two prologues (BN+ReLU of x,
+masked BN gradient of dy) over the plain one:
+
+    shape                            1 thread           fused     2 threads          fused
+    3x3 128->32 at 56 (DenseNet)     196 / 118          1.08      354 / 198          1.07
+    3x3 128->32 at 28                191 / 101          1.07      339 / 201          1.02
+    3x3 128->32 at 14                180 / 117          1.05      300 / 197          1.15
+    7x7 3->64 s2 stem                136 /  70          (1.35)    230 / 135          (1.26)
+    1x1 160->128 at 56               152 /  93          1.33      279 / 189          1.25
+    1x1 256->128 at 56               152 / 118          1.21      222 / 175          1.19
+    1x1 1024->512 at 14              156 / 145          1.04      192 / 195          1.10
+    3x3 64->64 at 56 (ResNet)        192 / 132          1.04      242 / 188          1.01
+    1x1 256->64 at 56                155 /  93          1.38      193 / 139          1.25
+    1x1 512->128 at 28               157 / 123          1.15      231 / 173          1.21
+
+(the stem has no BN before it: its fused figure only prices the band prologue). The fused 1x1
+convs cost 15-38 % more than the plain ones: x goes through a band instead of being read in
+place, and the prologues' per-element work (two extra loads, three FMAs, a compare) is large
+against 2*OC FLOPs per x element. On this shared VM identical 2-thread runs differ by up to
+2x for the same shape (3x3 128->32 at 28: 137 and 275 GFLOP/s minutes apart); ratios of one
+run are what to compare.
 
 `make_direct_backward_weights(prologue_x, prologue_dy)` returns
     conv(x, dy, dw, stride, pad, px_args=(), pdy_args=(), ntasks=None)
@@ -242,7 +277,9 @@ BENCH = {  # name: (ic, spatial, oc, kernel, stride, pad) of real convs at 224x2
 def main(argv=None):
     """Per BENCH shape: the direct and the im2col kernel validated against the float64
     reference (batch 1), then timed interleaved at --batch (median of --reps after a warm-up
-    call), GFLOP/s and % of numpy sgemm (2048^3) of the same process. Threads: NUMBA_NUM_THREADS
+    call) with the direct kernel fused with bnff's two prologues (BN+ReLU of x, masked BN
+    gradient of dy: tests/test_conv_direct_bww.py validates it); GFLOP/s, % of numpy sgemm
+    (2048^3) of the same process, and the fused time over the plain direct one. Threads: NUMBA_NUM_THREADS
     and OPENBLAS_NUM_THREADS of the environment."""
     import argparse
     import statistics
@@ -268,33 +305,43 @@ def main(argv=None):
     sg = 2 * 2048 ** 3 / statistics.median(ts) / 1e9
     print(f"{get_num_threads()} threads, W {W}, tile {R} x {OB}, sgemm {sg:.1f} GFLOP/s, "
           f"batch {args.batch}, median of {args.reps}", flush=True)
-    kernels = {"direct": make_direct_backward_weights(), "im2col": make_im2col_backward_weights()}
+    from bnff.hooks.bnff_hooks import bn_relu_grad_prologue
+    from bnff.kernels.conv.conv_common import bn_relu_prologue
+
+    fused = make_direct_backward_weights(bn_relu_prologue, bn_relu_grad_prologue)
+    plain = {"direct": make_direct_backward_weights(), "im2col": make_im2col_backward_weights()}
     for name in args.shapes or BENCH:
         ic, hw, oc, k, s, p = BENCH[name]
         for mb in (1, args.batch):
             st = ConvBackwardWeights(dict(mb=mb, ic=ic, ih=hw, iw=hw, oc=oc, kh=k, kw=k, sh=s,
                                           ph=p))
-            ins = st.make_inputs(np.random.default_rng(0))
-            outs = {v: np.full((oc, k, k, ic), np.nan, np.float32) for v in kernels}
-            for v, f in kernels.items():
-                f(ins["x"], ins["dy"], outs[v], s, p)
+            rng = np.random.default_rng(0)
+            ins = st.make_inputs(rng)
+            xg = rng.standard_normal(ins["dy"].shape, dtype=np.float32)
+            pro_x = tuple(rng.standard_normal(ic).astype(np.float32) for _ in range(2))
+            pro_dy = (xg.reshape(-1),) + tuple(rng.standard_normal(oc).astype(np.float32)
+                                               for _ in range(5))
+            calls = {v: (lambda f=f, o=np.empty((oc, k, k, ic), np.float32):
+                         (f(ins["x"], ins["dy"], o, s, p), o)[1]) for v, f in plain.items()}
+            calls["fused"] = lambda o=np.empty((oc, k, k, ic), np.float32): (
+                fused(ins["x"], ins["dy"], o, s, p, pro_x, pro_dy), o)[1]
+            outs = {v: f() for v, f in calls.items()}
             if mb == 1:
-                ref = st.reference(ins)
-                errs = {v: st.max_rel_error({"dw": o}, ref) for v, o in outs.items()}
+                errs = {v: st.max_rel_error({"dw": outs[v]}, st.reference(ins)) for v in plain}
                 if max(errs.values()) > st.tolerance:
                     raise SystemExit(f"{name}: wrong result, max rel error {errs}")
                 continue
-            times = {v: [] for v in kernels}
-            for _ in range(args.reps):
-                for v, f in kernels.items():
+            times = {v: [] for v in calls}
+            for _ in range(args.reps):  # interleaved, so drift hits all alike
+                for v, f in calls.items():
                     t0 = time.perf_counter()
-                    f(ins["x"], ins["dy"], outs[v], s, p)
+                    f()
                     times[v].append(time.perf_counter() - t0)
-            gf = {v: st.cost(v).flops / statistics.median(t) / 1e9 for v, t in times.items()}
+            med = {v: statistics.median(t) for v, t in times.items()}
+            gf = {v: st.cost(v).flops / med[v] / 1e9 for v in plain}
             print(f"{st.descriptor():36s} " + "  ".join(
-                f"{v} {g:6.1f} GFLOP/s {100 * g / sg:3.0f} %" for v, g in gf.items()),
-                flush=True)
-
+                f"{v} {g:6.1f} GFLOP/s {100 * g / sg:3.0f} %" for v, g in gf.items()) +
+                f"  fused/direct {med['fused'] / med['direct']:.3f}", flush=True)
 
 if __name__ == "__main__":
     main()
