@@ -8,18 +8,26 @@ BNFF := $(VENV)/bin/bnff
 MACHINE = $(shell $(VENV)/bin/python -c "import os, re; from bnff.measure.machine import cpu_model; \
 	print(re.sub('[^a-z0-9]+', '-', cpu_model().lower()).strip('-') + '-%dc' % os.cpu_count())")
 BENCH_ARGS ?= densenet121 resnet50 --batch 16 --image 224 --repeat 3
+# PyTorch (the `pytorch` schedule and micro's `torch` variant) is installed unless
+# BNFF_NO_TORCH=1; the extras and the stamp follow that choice, so switching reinstalls.
+comma := ,
+EXTRAS := test,plot$(if $(BNFF_NO_TORCH),,$(comma)torch)
 
 .PHONY: install bench report test clean
 
 install: $(STAMP)
 
+# the stamp is stale when pyproject.toml changed or it was made with other extras
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(EXTRAS))
+.PHONY: $(STAMP)
+endif
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 		{ echo "bnff-bench needs Python 3.10 or newer; set PYTHON=/path/to/python3.x"; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test,plot]'
-	touch $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	echo '$(EXTRAS)' > $(STAMP)
 
 bench: $(STAMP)
 	$(BNFF) bench $(BENCH_ARGS) --csv results/$(MACHINE)/bench.csv
