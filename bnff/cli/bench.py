@@ -1,7 +1,12 @@
 """`bnff bench`: whole training iterations of networks under several schedules, per thread
 count. Every schedule is allocated once and checked against `baseline` (loss and gradients)
 before it is timed; a warm-up iteration compiles, and its excess over the median is reported
-as compile time; repeats interleave the schedules so machine drift hits them alike."""
+as compile time; repeats interleave the schedules so machine drift hits them alike.
+
+`pytorch` (when torch is installed, in the default list) is the same graph, parameters and
+batch as a PyTorch module in a child process (bnff/torchref/schedule.py), validated and timed
+in the same rounds; its per-kind rows (stage `pytorch:<kind>`) come from torch.profiler runs
+after the timed ones, and it has no byte model or planned peak (those cells stay empty)."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +24,8 @@ from bnff.cli.check import max_rel_grad_diff
 from bnff.lowering.executor import Executor
 from bnff.measure.machine import append_csv, machine_info
 from bnff.suites.problem import make_batch, make_params
-from bnff.lowering.schedules import FLOAT32, GRAD_TOLERANCE
+from bnff.lowering.schedules import (FLOAT32, GRAD_TOLERANCE, PYTORCH, TORCH_MISSING,
+                                     torch_available)
 from bnff.suites import networks
 
 COLUMNS = ["network", "schedule", "batch", "image", "threads", "stage", "kind", "phase",
@@ -40,8 +46,9 @@ def add_parser(sub) -> None:
     p.add_argument("--image", type=positive_int, default=224, help="image size (default 224)")
     p.add_argument("--threads", type=thread_list, default=thread_list("all"),
                    help="thread counts, e.g. 1,2 or 1-4 or all (default: 1 to all cores)")
-    p.add_argument("--schedules", type=_schedule_list, default=list(FLOAT32),
-                   help=f"comma-separated schedules (default: {','.join(FLOAT32)})")
+    p.add_argument("--schedules", type=_schedule_list, default=default_schedules(),
+                   help=f"comma-separated schedules of {','.join(FLOAT32 + [PYTORCH])} "
+                        "(default: all; pytorch only when torch is installed)")
     p.add_argument("--repeat", type=positive_int, default=5,
                    help="timed iterations per schedule and thread count (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of parameters and batch")
@@ -50,13 +57,27 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def default_schedules() -> list:
+    return FLOAT32 + [PYTORCH] * torch_available()
+
+
 def _schedule_list(text):
     names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in FLOAT32]
+    known = FLOAT32 + [PYTORCH]
+    bad = [s for s in names if s not in known]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown schedule(s) {', '.join(bad) or text!r}; known: {', '.join(FLOAT32)}")
+            f"unknown schedule(s) {', '.join(bad) or text!r}; known: {', '.join(known)}")
+    if PYTORCH in names and not torch_available():
+        raise argparse.ArgumentTypeError(TORCH_MISSING)
     return names
+
+
+def executor(graph, schedule, batch, image):
+    if schedule == PYTORCH:
+        from bnff.torchref.schedule import TorchExecutor
+        return TorchExecutor(graph, batch, image)
+    return Executor(graph, schedule, batch, image)
 
 
 def memory_guard(executors, available=None) -> int:
@@ -90,7 +111,7 @@ def validate(executors, reference="baseline") -> dict:
 
 
 def bench_network(graph, args, bar, machine) -> list:
-    executors = [Executor(graph, s, args.batch, args.image) for s in args.schedules]
+    executors = [executor(graph, s, args.batch, args.image) for s in args.schedules]
     memory_guard(executors)
     params = make_params(graph, args.seed)
     x, labels = make_batch(graph, args.batch, args.image, args.seed)
@@ -128,6 +149,17 @@ def _rows(ex, threads, step_times, iter_times, warm, machine) -> list:
     base = {"network": ex.graph.name, "schedule": ex.schedule, "batch": ex.batch,
             "image": ex.image, "threads": threads, "repeats": len(iter_times), **machine}
     rows = []
+    median = statistics.median(iter_times)
+    if ex.schedule == PYTORCH:
+        for kind, t in ex.kinds(min(3, len(iter_times))).items():
+            rows.append({**base, "stage": f"pytorch:{kind}", "kind": kind, "phase": "all",
+                         "median_s": t, "min_s": "", "max_s": "", "bytes": "", "flops": "",
+                         "peak_mem_bytes": "", "compile_s": ""})
+        rows.append({**base, "stage": "iteration", "kind": "all", "phase": "all",
+                     "median_s": median, "min_s": min(iter_times), "max_s": max(iter_times),
+                     "bytes": "", "flops": "", "peak_mem_bytes": "",
+                     "compile_s": max(warm - median, 0.0)})
+        return rows
     for i, s in enumerate(ex.plan.steps):
         ts = [rep[i] for rep in step_times]
         rows.append({**base, "stage": s.name, "kind": s.kind, "phase": s.phase,
@@ -135,7 +167,6 @@ def _rows(ex, threads, step_times, iter_times, warm, machine) -> list:
                      "bytes": s.cost.bytes, "flops": s.cost.flops, "peak_mem_bytes": "",
                      "compile_s": ""})
     cost = ex.plan.cost()
-    median = statistics.median(iter_times)
     rows.append({**base, "stage": "iteration", "kind": "all", "phase": "all",
                  "median_s": median, "min_s": min(iter_times), "max_s": max(iter_times),
                  "bytes": cost.bytes, "flops": cost.flops, "peak_mem_bytes": ex.peak_bytes(),
@@ -154,14 +185,17 @@ def summary_tables(rows) -> str:
             same = {q["schedule"]: q["median_s"] for q in iters
                     if q["network"] == net and q["threads"] == r["threads"]}
             speed = lambda ref: f"{same[ref] / r['median_s']:.3f}x" if ref in same else "-"
+            num = lambda v, scale: "-" if v in ("", None) else f"{v / scale:.2f}"
             table.append([r["schedule"], r["threads"], f"{r['median_s']:.3f}",
                           f"{r['batch'] / r['median_s']:.1f}", speed("caffe"), speed("baseline"),
-                          f"{r['bytes'] / 1e9:.2f}", f"{r['peak_mem_bytes'] / 2**30:.2f}",
+                          speed(PYTORCH), num(r["bytes"], 1e9), num(r["peak_mem_bytes"], 2**30),
                           f"{r['compile_s']:.1f}"])
         out.append(f"{net}, batch {iters[0]['batch']}, image {iters[0]['image']}\n" + tabulate(
             table, headers=["schedule", "threads", "s/iter", "images/s", "vs caffe",
-                            "vs baseline", "GB moved", "peak GiB", "compile s"],
+                            "vs baseline", "vs pytorch", "GB moved", "peak GiB", "compile s"],
             disable_numparse=True))
+        if not any(q["schedule"] == PYTORCH for q in iters if q["network"] == net):
+            out.append(f"(no pytorch row: {TORCH_MISSING})")
         kinds = ["conv", "bn", "relu", "concat", "pool", "other"]
         breakdown = []
         for r in (r for r in iters if r["network"] == net):

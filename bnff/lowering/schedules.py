@@ -1,8 +1,10 @@
 """Schedules by name. `reference` is the float64 NumPy iteration every other schedule is
 checked against; the float32 schedules are lowered to Numba kernel calls (`bnff/lowering/lower.py`
-says what each does)."""
+says what each does); `pytorch` is the same graph as a PyTorch module (bnff/torchref/), there
+when the optional extra `torch` is installed."""
 from __future__ import annotations
 
+import importlib.util
 from functools import partial
 
 from bnff.lowering.executor import train_step
@@ -28,4 +30,23 @@ FLOAT32 = list(OPTIONS)
 # reference tightly on shallower networks, where rounding is not amplified.
 GRAD_TOLERANCE = 5e-2
 
-SCHEDULES = {"reference": reference, **{s: partial(train_step, schedule=s) for s in OPTIONS}}
+PYTORCH = "pytorch"
+TORCH_MISSING = ("PyTorch is not installed: `pip install '.[torch]'` (or `make` without "
+                 "BNFF_NO_TORCH=1) adds the pytorch schedule")
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def pytorch(graph, params, x, labels):
+    """(loss, grads) of one float32 PyTorch iteration (in this process)."""
+    if not torch_available():
+        from bnff.cli.args import UserError
+        raise UserError(TORCH_MISSING)
+    from bnff.torchref.model import train_step as torch_step
+    return torch_step(graph, params, x, labels)
+
+
+SCHEDULES = {"reference": reference, **{s: partial(train_step, schedule=s) for s in OPTIONS},
+             PYTORCH: pytorch}
