@@ -3,11 +3,18 @@ child process (worker.py) so that its allocator and OpenMP threads are its own, 
 Executor: load, run (one iteration, at the parent's Numba thread count), loss, grads, release;
 `kinds` gives the time by kind from torch.profiler, measured after the timed iterations.
 
-Allocator: the child runs in its fastest configuration on the machine. Measured with
-`python -m bnff.torchref.standalone densenet121 --allocator glibc,glibc-tuned,jemalloc`
-(DenseNet-121, batch 16, 224x224, channels_last, 2 threads, PyTorch 2.13.0, 2-vCPU AMD EPYC,
-LLVM CPU znver5): see ALLOCATORS' ORDER comment. The first of ORDER that is available here is
-used; BNFF_TORCH_ALLOCATOR=NAME overrides it.
+Allocator: the child runs in its fastest configuration measured on this machine, glibc malloc
+with the large-block mmap/munmap churn switched off (`glibc-tuned`, allocator_env). Measured
+with `python -m bnff.torchref.standalone NET --repeat 3 --rounds 2` under bnff-timed (batch
+16, 224x224, channels_last, 2 threads, PyTorch 2.13.0, 2-vCPU AMD EPYC, LLVM CPU znver5,
+Debian libjemalloc2 5.3.0), median s/iter over 6 iterations:
+
+    allocator     DenseNet-121   ResNet-50
+    glibc         2.481          2.398
+    glibc-tuned   1.780          1.769
+    jemalloc      3.656          3.117    (LD_PRELOAD, its default decay settings)
+
+BNFF_TORCH_ALLOCATOR=glibc|glibc-tuned|jemalloc overrides the choice.
 """
 from __future__ import annotations
 
@@ -58,16 +65,14 @@ def allocator_env(name: str) -> dict | None:
 
 
 ALLOCATORS = ["glibc", "glibc-tuned", "jemalloc"]
-ORDER = ["jemalloc", "glibc-tuned"]  # fastest first, as measured (module docstring)
+FASTEST = "glibc-tuned"  # as measured (module docstring); always available
 
 
 def chosen_allocator() -> str:
-    name = os.environ.get("BNFF_TORCH_ALLOCATOR")
-    if name:
-        if allocator_env(name) is None:
-            raise UserError(f"BNFF_TORCH_ALLOCATOR={name}: not available on this machine")
-        return name
-    return next(a for a in ORDER if allocator_env(a) is not None)
+    name = os.environ.get("BNFF_TORCH_ALLOCATOR", FASTEST)
+    if allocator_env(name) is None:
+        raise UserError(f"BNFF_TORCH_ALLOCATOR={name}: not available on this machine")
+    return name
 
 
 def child_env(allocator: str) -> dict:
