@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 BNFF := $(VENV)/bin/bnff
-# results/<machine>/: CPU model and core count, e.g. amd-epyc-2c
-MACHINE = $(shell $(VENV)/bin/python -c "import os, re; from bnff.measure.machine import cpu_model; \
-	print(re.sub('[^a-z0-9]+', '-', cpu_model().lower()).strip('-') + '-%dc' % os.cpu_count())")
+# results/<machine>/: CPU model, LLVM CPU name and core count, e.g. amd-epyc-znver4-2c
+MACHINE = $(shell $(VENV)/bin/python -c "from bnff.measure.machine import machine_name; \
+	print(machine_name())")
 BENCH_ARGS ?= densenet121 resnet50 --batch 16 --image 224 --repeat 3
 # PyTorch (the `pytorch` schedule and micro's `torch` variant) is installed unless
 # BNFF_NO_TORCH=1; the extras and the stamp follow that choice, so switching reinstalls.
