@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 
 import numba
 import numpy as np
@@ -79,9 +80,15 @@ def child_env(allocator: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env.update(allocator_env(allocator))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env.setdefault("KINETO_LOG_LEVEL", "5")  # torch.profiler: no start/stop lines on stderr
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     return env
+
+
+def _forward_stderr(stream) -> None:
+    """The child's stderr, less torch.profiler's start/stop lines (`USDT:...`)."""
+    for line in stream:
+        if not line.startswith("USDT:"):
+            sys.stderr.write(line)
 
 
 class TorchExecutor:
@@ -103,8 +110,10 @@ class TorchExecutor:
         np.savez(problem, input=np.asarray(x, np.float32), labels=labels,
                  **{f"param:{k}": v for k, v in params.items()})
         self.proc = subprocess.Popen([sys.executable, "-m", "bnff.torchref.worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True,
                                      env=child_env(self.allocator))
+        threading.Thread(target=_forward_stderr, args=(self.proc.stderr,), daemon=True).start()
         self._ask({"graph": self.graph.to_dict(), "problem": problem})
 
     def _ask(self, request: dict) -> dict:
