@@ -23,7 +23,8 @@ PyTorch allocates every output, as it does in training, so the allocator is part
 TorchOp sets this process's glibc malloc as the `pytorch` schedule's child runs it
 (schedule.allocator_env("glibc-tuned"), through mallopt). With glibc's defaults each output
 above the mmap threshold is mapped and page-faulted anew on every call: PyTorch's BN forward
-on DenseNet-121's shapes took 145 ms per iteration so, 2-vCPU AMD EPYC znver5, 2 threads.
+over DenseNet-121's shapes (batch 16, 224x224, 2 threads, 2-vCPU AMD EPYC znver5) took 145 ms
+per iteration so, 79 ms with these settings; its concat 102 and 43 ms.
 """
 from __future__ import annotations
 
