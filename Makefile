@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 BNFF := $(VENV)/bin/bnff
-# results/<machine>/: CPU model and core count, e.g. amd-epyc-2c
-MACHINE = $(shell $(VENV)/bin/python -c "import os, re; from bnff.measure.machine import cpu_model; \
-	print(re.sub('[^a-z0-9]+', '-', cpu_model().lower()).strip('-') + '-%dc' % os.cpu_count())")
+# results/<machine>/: CPU model, LLVM CPU name and core count, e.g. amd-epyc-znver4-2c
+MACHINE = $(shell $(VENV)/bin/python -c "from bnff.measure.machine import machine_name; \
+	print(machine_name())")
 BENCH_ARGS ?= densenet121 resnet50 --batch 16 --image 224 --repeat 3
 # results/ci/<machine>/: the LLVM CPU name Numba compiles for and the core count, e.g. znver4-2c
 CI_MACHINE = $(shell $(VENV)/bin/python -c "import os, llvmlite.binding as llvm; \
@@ -22,18 +22,26 @@ CI_STORE = results/ci/$(CI_MACHINE)
 # whose footprint is near the L3's size. Within one run, each variant's ratio to its stage's
 # default (bnff ci-table) is what to judge; on a quieter machine lower CI_FAIL.
 CI_FAIL ?= min:100%
+# PyTorch (the `pytorch` schedule and micro's `torch` variant) is installed unless
+# BNFF_NO_TORCH=1; the extras and the stamp follow that choice, so switching reinstalls.
+comma := ,
+EXTRAS := test,plot,onnx$(if $(BNFF_NO_TORCH),,$(comma)torch)
 
 .PHONY: install bench bench-ci report test clean
 
 install: $(STAMP)
 
+# the stamp is stale when pyproject.toml changed or it was made with other extras
+ifneq ($(shell cat $(STAMP) 2>/dev/null),$(EXTRAS))
+.PHONY: $(STAMP)
+endif
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 		{ echo "bnff-bench needs Python 3.10 or newer; set PYTHON=/path/to/python3.x"; exit 1; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test,plot,onnx]'
-	touch $(STAMP)
+	$(VENV)/bin/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	echo '$(EXTRAS)' > $(STAMP)
 
 bench: $(STAMP)
 	$(BNFF) bench $(BENCH_ARGS) --csv results/$(MACHINE)/bench.csv

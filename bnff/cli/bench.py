@@ -4,7 +4,12 @@ before it is timed; a warm-up iteration compiles, and its excess over the median
 as compile time; rounds interleave the schedules so machine drift hits them alike, and each
 speedup is taken from the per-round paired ratios with a 95 % interval
 (bnff/measure/measurement.py). After --repeat rounds, rounds are added until every speedup's
-interval is within +-(--ci-target) or --budget seconds have passed, and the run says which."""
+interval is within +-(--ci-target) or --budget seconds have passed, and the run says which.
+
+`pytorch` (when torch is installed, in the default list) is the same graph, parameters and
+batch as a PyTorch module in a child process (bnff/torchref/schedule.py), validated and timed
+in the same rounds; its per-kind rows (stage `pytorch:<kind>`) come from torch.profiler runs
+after the timed ones, and it has no byte model or planned peak (those cells stay empty)."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +25,8 @@ from bnff.measure.machine import append_csv, machine_info
 from bnff.measure.measurement import (max_rel_grad_diff, median_min_max, paired_speedup,
                                       summary_tables)
 from bnff.suites.problem import make_batch, make_params
-from bnff.lowering.schedules import FLOAT32, GRAD_TOLERANCE, SCHEDULES
+from bnff.lowering.schedules import (FLOAT32, GRAD_TOLERANCE, PYTORCH, SCHEDULES, TORCH_MISSING,
+                                     torch_available)
 from bnff.suites import networks
 
 COLUMNS = ["network", "schedule", "batch", "image", "threads", "stage", "kind", "phase",
@@ -41,8 +47,9 @@ def add_parser(sub) -> None:
     p.add_argument("--image", type=positive_int, default=224, help="image size (default 224)")
     p.add_argument("--threads", type=thread_list, default=thread_list("all"),
                    help="thread counts, e.g. 1,2 or 1-4 or all (default: 1 to all cores)")
-    p.add_argument("--schedules", type=_schedule_list, default=list(SCHEDULES.values()),
-                   help=f"comma-separated schedules (default: {','.join(FLOAT32)})")
+    p.add_argument("--schedules", type=_schedule_list, default=default_schedules(),
+                   help=f"comma-separated schedules of {','.join(FLOAT32 + [PYTORCH.name])} "
+                        "(default: all; pytorch only when torch is installed)")
     p.add_argument("--repeat", type=positive_int, default=5,
                    help="timed rounds (one iteration of every schedule each) per thread count, "
                         "at least (default 5)")
@@ -78,14 +85,29 @@ def _seconds(text):
     return v
 
 
+def default_schedules() -> list:
+    return list(SCHEDULES.values()) + [PYTORCH] * torch_available()
+
+
 def _schedule_list(text):
     """'caffe,bnff' -> [Schedule, ...]: names are resolved here, at the edge, once."""
     names = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in names if s not in SCHEDULES]
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    known = {**SCHEDULES, PYTORCH.name: PYTORCH}
+    bad = [s for s in names if s not in known]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown schedule(s) {', '.join(bad) or text!r}; known: {', '.join(FLOAT32)}")
-    return [SCHEDULES[s] for s in names]
+            f"unknown schedule(s) {', '.join(bad) or text!r}; known: {', '.join(known)}")
+    if PYTORCH.name in names and not torch_available():
+        raise argparse.ArgumentTypeError(TORCH_MISSING)
+    return [known[s] for s in names]
+
+
+def executor(graph, schedule, batch, image):
+    if schedule is PYTORCH:
+        from bnff.torchref.schedule import TorchExecutor
+        return TorchExecutor(graph, batch, image)
+    return Executor(graph, schedule, batch, image)
 
 
 def memory_guard(executors, available=None) -> int:
@@ -121,15 +143,16 @@ def validate(executors, reference="baseline") -> dict:
 
 
 def speedups_of(network, threads, iter_times) -> dict:
-    """{(network, threads, schedule, ref): Speedup} over `caffe` and `baseline` when run."""
+    """{(network, threads, schedule, ref): Speedup} over `caffe`, `baseline` and `pytorch`
+    when run."""
     return {(network, threads, s, ref): paired_speedup(iter_times[ref], ts)
-            for ref in ("caffe", "baseline") if ref in iter_times
+            for ref in ("caffe", "baseline", PYTORCH.name) if ref in iter_times
             for s, ts in iter_times.items() if s != ref}
 
 
 def bench_network(graph, args, bar, machine) -> tuple:
     """(rows, speedups, one line per thread count saying why its rounds stopped)."""
-    executors = [Executor(graph, s, args.batch, args.image) for s in args.schedules]
+    executors = [executor(graph, s, args.batch, args.image) for s in args.schedules]
     memory_guard(executors)
     params = make_params(graph, args.seed)
     x, labels = make_batch(graph, args.batch, args.image, args.seed)
@@ -184,6 +207,17 @@ def _rows(ex, threads, step_times, iter_times, warm, machine) -> list:
     base = {"network": ex.graph.name, "schedule": ex.schedule.name, "batch": ex.batch,
             "image": ex.image, "threads": threads, "repeats": len(iter_times), **machine}
     rows = []
+    median, lo, hi = median_min_max(iter_times)
+    if ex.schedule is PYTORCH:
+        for kind, t in ex.kinds(min(3, len(iter_times))).items():
+            rows.append({**base, "stage": f"pytorch:{kind}", "kind": kind, "phase": "all",
+                         "median_s": t, "min_s": "", "max_s": "", "bytes": "", "flops": "",
+                         "peak_mem_bytes": "", "compile_s": ""})
+        rows.append({**base, "stage": "iteration", "kind": "all", "phase": "all",
+                     "median_s": median, "min_s": lo, "max_s": hi,
+                     "bytes": "", "flops": "", "peak_mem_bytes": "",
+                     "compile_s": max(warm - median, 0.0)})
+        return rows
     for i, s in enumerate(ex.plan.steps):
         med, lo, hi = median_min_max([rep[i] for rep in step_times])
         rows.append({**base, "stage": s.name, "kind": s.kind, "phase": s.phase,
@@ -191,7 +225,6 @@ def _rows(ex, threads, step_times, iter_times, warm, machine) -> list:
                      "bytes": s.cost.bytes, "flops": s.cost.flops, "peak_mem_bytes": "",
                      "compile_s": ""})
     cost = ex.plan.cost()
-    median, lo, hi = median_min_max(iter_times)
     rows.append({**base, "stage": "iteration", "kind": "all", "phase": "all",
                  "median_s": median, "min_s": lo, "max_s": hi,
                  "bytes": cost.bytes, "flops": cost.flops, "peak_mem_bytes": ex.peak_bytes(),

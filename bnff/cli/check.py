@@ -11,7 +11,7 @@ from bnff.cli.args import UserError, add_network_args, nonneg_int
 from bnff.suites.problem import make_batch, make_params
 from bnff.lowering.executor import train_step
 from bnff.lowering.reference_step import train_step as reference_step
-from bnff.lowering.schedules import FLOAT32, SCHEDULES
+from bnff.lowering.schedules import FLOAT32, PYTORCH, SCHEDULES, TORCH_MISSING, torch_available
 from bnff.measure.measurement import max_rel_grad_diff
 from bnff.suites import networks
 
@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
                     "against the float64 reference. Example: "
                     "bnff check densenet121 --batch 2 --image 64")
     add_network_args(p, batch=2, image=64)
-    p.add_argument("--schedule", default="reference", choices=["reference"] + FLOAT32,
+    p.add_argument("--schedule", default="reference", choices=["reference"] + FLOAT32 + [PYTORCH.name],
                    help="schedule to run (default reference)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed (default 0)")
     p.add_argument("--dump", metavar="FILE.npz",
@@ -42,6 +42,11 @@ def run(args) -> int:
     t = time.perf_counter()
     if args.schedule == "reference":
         loss, grads = reference_step(graph, params, x, labels)
+    elif args.schedule == PYTORCH.name:
+        if not torch_available():
+            raise UserError(TORCH_MISSING)
+        from bnff.torchref.model import train_step as torch_step
+        loss, grads = torch_step(graph, params, x, labels)
     else:
         loss, grads = train_step(graph, params, x, labels, SCHEDULES[args.schedule])
     seconds = time.perf_counter() - t

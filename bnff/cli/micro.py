@@ -20,6 +20,13 @@ compute-bound one (bound: flops/bytes against the ridge fma/triad).
 
 pct_sgemm (conv rows only) is GFLOP/s over numpy sgemm's at the same thread count.
 
+Variant `torch` (when torch is installed) is PyTorch's kernel for the same work at the same
+shape (bnff/torchref/stages.py says which), validated and timed the same way, at the same
+thread count (torch.set_num_threads); its rows carry the default variant's byte and FLOP
+model, so GB/s and GFLOP/s compare times at equal work. `--variant default,torch` prints,
+per thread count, each stage's iteration total (count-weighted over the network's shapes)
+beside PyTorch's (bn_stats and bn_normalize together against PyTorch's one BN forward op).
+
 Target checks (printed), per thread count:
 - memory: the byte-weighted mean pct_roofline of the default variants of memory-bound stages
   whose footprint (the bytes of all their inputs and outputs) exceeds twice the LLC. At batch
@@ -104,8 +111,54 @@ def footprint(arrays: dict) -> int:
     return sum(a.nbytes for a in arrays.values())
 
 
+TORCH = "torch"
+
+
+def run_variant(stage, variant, inputs, outputs) -> None:
+    """One call of the variant into `outputs` (PyTorch's op, then its result copied in)."""
+    if variant == TORCH:
+        from bnff.torchref.stages import TorchOp
+        op = TorchOp(stage, inputs)
+        op()
+        op.fill(outputs)
+    else:
+        stage.run(variant, inputs, outputs)
+
+
+def timed_calls(stage, variants, inputs, outputs) -> dict:
+    """{variant: the call timed}: PyTorch's op alone, without copying its result."""
+    out = {}
+    for v in variants:
+        if v == TORCH:
+            from bnff.torchref.stages import TorchOp
+            out[v] = TorchOp(stage, inputs)
+        else:
+            out[v] = partial(stage.run, v, inputs, outputs)
+    return out
+
+
+def _variants(st, wanted: list) -> list:
+    """The stage's variants among `wanted` (names, `default`, `torch`), in that order."""
+    out = []
+    for w in wanted:
+        v = st.default if w == "default" else w
+        if v == TORCH:
+            from bnff.torchref.stages import TorchOp
+            ok = TorchOp.supports(st)
+        else:
+            ok = v in st.variants
+        if ok and v not in out:
+            out.append(v)
+    return out
+
+
 def select(items: list, stage: str | None, variant: str | None, descriptor: str | None) -> list:
-    """[(Stage, count, [variants])] after the --stage, --variant and --descriptor filters."""
+    """[(Stage, count, [variants])] after the --stage, --variant and --descriptor filters;
+    `variant` is a comma-separated list of names, `default` and `torch`."""
+    if variant is not None and TORCH in variant.split(","):
+        from bnff.lowering.schedules import TORCH_MISSING, torch_available
+        if not torch_available():
+            raise UserError(f"--variant torch: {TORCH_MISSING}")
     names = sorted({st.name for st, _ in items})
     wanted = None if stage is None else stage.split(",")
     for w in wanted or []:
@@ -117,16 +170,11 @@ def select(items: list, stage: str | None, variant: str | None, descriptor: str 
             continue
         if descriptor is not None and st.descriptor() != descriptor:
             continue
-        if variant is None:
-            vs = list(st.variants)
-        elif variant == "default":
-            vs = [st.default]
-        elif variant in st.variants:
-            vs = [variant]
-        elif wanted is not None and len(wanted) == 1:
+        vs = list(st.variants) if variant is None else _variants(st, variant.split(","))
+        if not vs and wanted is not None and len(wanted) == 1:
             raise UserError(f"stage {stage} has no variant {variant!r}; variants: "
-                            f"{', '.join(st.variants)} or default")
-        else:
+                            f"{', '.join(st.variants)}, default or torch")
+        if not vs:
             continue
         out.append((st, count, vs))
     if not out:
@@ -142,7 +190,7 @@ def reproducer(st, variant, threads) -> str:
 
 
 def row_for(args, st, count, variant, threads, times, roof, errors, fp) -> dict:
-    cost = st.cost(variant)
+    cost = st.cost(st.default if variant == TORCH else variant)
     med, fastest, _ = median_min_max(times)
     gbps, gflops = cost.bytes / med / 1e9, cost.flops / med / 1e9
     ridge = roof["fma_gflops"] / roof["triad_gbps"]
@@ -213,6 +261,11 @@ def print_tables(rows: list, top: int, llc: int) -> None:
     for t, n, w, pct in memory_target(rows, llc):
         print(f"threads {t}: memory-bound default stages touching > 2x LLC ({n} shapes, "
               f"{w / 1e9:.2f} GB per iteration): {pct:.1f}% of triad, byte-weighted")
+    parity = [[t, g, 1e3 * d, 1e3 * p, d / p if p else None] for t, g, d, p in torch_parity(rows)]
+    if parity:
+        print("\ndefault variants against PyTorch, ms per iteration over the network's shapes")
+        print(tabulate(parity, headers=["threads", "stage", "default ms", "torch ms",
+                                        "default / torch"], floatfmt=".2f", missingval=""))
     for t, s, n, gflop, rate, sgemm, pct in conv_target(rows):
         print(f"threads {t}: {s} default ({n} shapes, {gflop:.1f} GFLOP per iteration): "
               f"{rate:.1f} GFLOP/s, {pct:.1f}% of sgemm ({sgemm:.1f} GFLOP/s), FLOP-weighted")
@@ -234,7 +287,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=thread_list, default=None,
                    help="thread counts, e.g. 1,2 or 1-4 or all (default all)")
     p.add_argument("--stage", help="only these stages, comma-separated (e.g. bn_stats,conv_fwd)")
-    p.add_argument("--variant", help="only this variant, or `default` (default: all variants)")
+    p.add_argument("--variant", help="only these variants, comma-separated: names, `default`, "
+                                     "`torch` (PyTorch's kernel; default: all the suite's "
+                                     "variants)")
     p.add_argument("--descriptor", help="only this shape, e.g. mb16ic256ih56iw56eps1e-05; "
                                         "without NET, the one shape to time")
     p.add_argument("--csv", metavar="FILE", help="append one row per (stage, variant, shape, "
@@ -266,6 +321,28 @@ def standalone(args):
     return st
 
 
+def set_threads(threads: int, variants) -> None:
+    numba.set_num_threads(threads)
+    if TORCH in variants:
+        import torch
+        torch.set_num_threads(threads)
+
+
+def torch_parity(rows: list) -> list:
+    """[(threads, stage group, default total s, torch total s)] per iteration, count-weighted,
+    for the stage groups PyTorch has (bn_stats and bn_normalize form one group, bn_fwd)."""
+    group = lambda s: "bn_fwd" if s in ("bn_stats", "bn_normalize") else s
+    have = {(r["threads"], group(r["stage"])) for r in rows if r["variant"] == TORCH}
+    tot = {}
+    for r in rows:
+        key = (r["threads"], group(r["stage"]))
+        if key in have and (r["is_default"] or r["variant"] == TORCH):
+            d, t = tot.get(key, (0.0, 0.0))
+            s = r["median_s"] * r["count"]
+            tot[key] = (d, t + s) if r["variant"] == TORCH else (d + s, t)
+    return [(th, g, d, t) for (th, g), (d, t) in sorted(tot.items())]
+
+
 def micro(args, progress=True) -> list:
     """The rows of one `bnff micro` run (raises UserError, ValidationError)."""
     threads = args.threads or thread_list("all")
@@ -295,19 +372,19 @@ def micro(args, progress=True) -> list:
         for st, count, variants in work:
             bar.set_postfix_str(f"{st.name} {st.descriptor()}"[:60])
             inputs = st.make_inputs(rng)
-            numba.set_num_threads(max(threads))
-            errors = validate(st, variants, inputs)
+            set_threads(max(threads), variants)
+            errors = validate(st, variants, inputs, partial(run_variant, st))
             outputs = st.allocate_outputs()
             fp = footprint(inputs) + footprint(outputs)
-            calls = {v: partial(st.run, v, inputs, outputs) for v in variants}
+            calls = timed_calls(st, variants, inputs, outputs)
             for t in threads:
-                numba.set_num_threads(t)
+                set_threads(t, variants)
                 times = interleaved(calls, args.reps, args.min_time)
                 timed += [(st, count, v, t, times[v], errors, fp) for v in variants]
             bar.update()
             del inputs, outputs
         measure_roofline("end")
-    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    set_threads(numba.config.NUMBA_NUM_THREADS, variants=())
     return [{**row_for(args, st, count, v, t, times, roofs[t], errors, fp), **machine}
             for st, count, v, t, times, errors, fp in timed]
 

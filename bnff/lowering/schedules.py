@@ -2,9 +2,12 @@
 describes it completely; the lowering (bnff/lowering/dispatch.py, lower*.py) and the executor
 receive that value, never a name. `reference`, the float64 NumPy iteration every schedule is
 checked against (bnff/lowering/reference_step.py), is not lowered and has no value here.
+`pytorch` is the same graph as a PyTorch module (bnff/torchref/), there when the optional
+extra `torch` is installed: its value only names it.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 
@@ -56,3 +59,18 @@ def resolve(name: str) -> Schedule:
 # that drops or doubles a term is off by O(1). The tests check every schedule against the
 # reference tightly on shallower networks, where rounding is not amplified.
 GRAD_TOLERANCE = 5e-2
+
+@dataclass(frozen=True)
+class External:
+    """A schedule that is not lowered: the same graph run by a framework (bnff/torchref/)."""
+
+    name: str
+
+
+PYTORCH = External("pytorch")
+TORCH_MISSING = ("PyTorch is not installed: `pip install '.[torch]'` (or `make` without "
+                 "BNFF_NO_TORCH=1) adds the pytorch schedule")
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None

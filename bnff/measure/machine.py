@@ -1,5 +1,9 @@
 """The machine columns every result row carries, and the CSV writer the commands share.
 
+machine_name() -> str: the results/<machine>/ folder name, from what tells machines apart: CPU
+model, the LLVM CPU name Numba compiles for, and core count, e.g. amd-epyc-znver4-2c (a Zen 3
+and a Zen 4 VM both report "AMD EPYC" with 2 cores; their LLVM names differ).
+
 machine_info() -> dict: cpu_model (/proc/cpuinfo, else lscpu, else platform), cpu_arch (the
 LLVM CPU name Numba compiles for), vec_width (float32 lanes of bnff/engine/vec.py's vectors,
 the host's or forced by BNFF_VEC_WIDTH), cores, l1d_bytes, l2_bytes, l3_bytes (per instance,
@@ -12,6 +16,7 @@ import csv
 import glob
 import os
 import platform
+import re
 import subprocess
 from datetime import datetime, timezone
 
@@ -92,6 +97,13 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def machine_name() -> str:
+    slug = lambda text: re.sub("[^a-z0-9]+", "-", text.lower()).strip("-")
+    model, arch = slug(cpu_model()), slug(llvm.get_host_cpu_name())
+    parts = [model] + ([arch] if arch not in model.split("-") else [])
+    return "-".join(parts + [f"{os.cpu_count() or 1}c"])
 
 
 def machine_info() -> dict:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from tabulate import tabulate
 
+from bnff.lowering.schedules import PYTORCH, TORCH_MISSING
+
 CONFIDENCE = 0.95
 RESAMPLES = 10_000
 
@@ -44,14 +46,16 @@ def fresh_outputs(stage) -> dict:
     return out
 
 
-def validate(stage, variants, inputs) -> dict:
-    """{variant: max relative error}, each variant run into fresh NaN outputs; raises
-    ValidationError on the first one out of the stage's tolerance."""
+def validate(stage, variants, inputs, run=None) -> dict:
+    """{variant: max relative error}, each variant run into fresh NaN outputs (by
+    run(variant, inputs, outputs), default stage.run); raises ValidationError on the first one
+    out of the stage's tolerance."""
     ref = stage.reference(inputs)
+    run = run or stage.run
     errors = {}
     for v in variants:
         outputs = fresh_outputs(stage)
-        stage.run(v, inputs, outputs)
+        run(v, inputs, outputs)
         errors[v] = stage.max_rel_error(outputs, ref)
         if not errors[v] <= stage.tolerance:
             raise ValidationError(f"{stage.name} variant {v} at {stage.descriptor()}: max relative "
@@ -169,14 +173,17 @@ def summary_tables(rows, speedups=None) -> str:
             same = {q["schedule"]: q["median_s"] for q in iters
                     if q["network"] == net and q["threads"] == r["threads"]}
             speed = lambda ref: _speedup_cell(speedups, r, same, ref)
+            num = lambda v, scale: "-" if v in ("", None) else f"{v / scale:.2f}"
             table.append([r["schedule"], r["threads"], f"{r['median_s']:.3f}",
                           f"{r['batch'] / r['median_s']:.1f}", speed("caffe"), speed("baseline"),
-                          f"{r['bytes'] / 1e9:.2f}", f"{r['peak_mem_bytes'] / 2**30:.2f}",
-                          f"{r['compile_s']:.1f}"])
+                          speed(PYTORCH.name), num(r["bytes"], 1e9),
+                          num(r["peak_mem_bytes"], 2**30), f"{r['compile_s']:.1f}"])
         out.append(f"{net}, batch {iters[0]['batch']}, image {iters[0]['image']}\n" + tabulate(
             table, headers=["schedule", "threads", "s/iter", "images/s", "vs caffe",
-                            "vs baseline", "GB moved", "peak GiB", "compile s"],
+                            "vs baseline", "vs pytorch", "GB moved", "peak GiB", "compile s"],
             disable_numparse=True))
+        if not any(q["schedule"] == PYTORCH.name for q in iters if q["network"] == net):
+            out.append(f"(no pytorch row: {TORCH_MISSING})")
         kinds = ["conv", "bn", "relu", "concat", "pool", "other"]
         breakdown = []
         for r in (r for r in iters if r["network"] == net):

@@ -72,7 +72,8 @@ def plot_bench(rows, outdir, roofline=None, speedups=None) -> list:
             pts = [(float(r["flops"]) / float(r["bytes"]), float(r["flops"]) / float(r["median_s"]) / 1e9)
                    for r in rows if r["network"] == net and r["schedule"] == s
                    and int(r["threads"]) == top and r["stage"] != "iteration"
-                   and float(r["bytes"]) > 0 and float(r["flops"]) > 0 and float(r["median_s"]) > 0]
+                   and r["bytes"] != "" and float(r["bytes"]) > 0 and float(r["flops"]) > 0
+                   and float(r["median_s"]) > 0]
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, label=s)
         if roofline and top in roofline:
             gbs, gflops = roofline[top]

@@ -25,7 +25,7 @@ import statistics
 import zlib
 from dataclasses import dataclass
 
-from bnff.cli.args import UserError
+from bnff.errors import UserError
 
 KEYS = {"bench": ("network", "schedule", "batch", "image", "threads", "stage"),
         "micro": ("stage", "descriptor", "variant", "threads")}
