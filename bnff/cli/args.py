@@ -1,44 +1,73 @@
-"""Argument types and errors shared by the `bnff` commands."""
+"""Argument types, checks and errors shared by the `bnff` commands.
+
+Every check here runs before any measurement: a bad argument, an output path that cannot be
+written or a run that does not fit in memory ends the command with one line and exit 2, and
+leaves no file created or changed."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import sys
+
+import numba
+import psutil
 
 
 class UserError(Exception):
-    """Bad input from the user: printed as one line, never as a traceback."""
+    """Bad input from the user: printed as one line, never as a traceback (exit 2)."""
+
+
+class RunFailed(Exception):
+    """A run that cannot give a trustworthy number: a NaN or Inf in a loss, gradient or output,
+    or a schedule or variant off its reference (exit 1)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `bnff bench: error: ... (see bnff bench --help)`, exit 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _number(text: str, kind, what: str, ok):
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return v
 
 
 def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+    return _number(text, int, "a positive integer", lambda v: v >= 1)
 
 
 def nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, "a positive number", lambda v: math.isfinite(v) and v > 0)
+
+
+def nonneg_float(text: str) -> float:
+    return _number(text, float, "a number >= 0", lambda v: math.isfinite(v) and v >= 0)
 
 
 def thread_list(text: str) -> list:
-    """'1,2' or '1-4' or 'all' -> sorted thread counts, each at most the cores available."""
-    cores = os.cpu_count() or 1
+    """'1,2' or '1-4' or 'all' -> sorted thread counts, each at most the threads Numba has
+    (the cores here unless NUMBA_NUM_THREADS says fewer)."""
+    cores = min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS)
     out = set()
     for part in text.split(","):
         part = part.strip()
         try:
             if part == "all":
                 out.update(range(1, cores + 1))
-            elif "-" in part:
+            elif "-" in part[1:]:
                 lo, hi = (int(p) for p in part.split("-"))
                 out.update(range(lo, hi + 1))
             else:
@@ -58,3 +87,41 @@ def add_network_args(p: argparse.ArgumentParser, batch: int = 16, image: int = 2
     p.add_argument("--batch", type=positive_int, default=batch, help=f"mini-batch (default {batch})")
     p.add_argument("--image", type=positive_int, default=image,
                    help=f"input height and width (default {image})")
+
+
+def writable_file(path: str, what: str = "output") -> str:
+    """Raises UserError unless `path` can be written as a file (it exists and is writable, or
+    its nearest existing folder is writable). Creates nothing."""
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {what} {path}: it is a folder")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise UserError(f"cannot write {what} {path}: permission denied")
+        return path
+    return writable_folder(os.path.dirname(os.path.abspath(path)), what, path)
+
+
+def writable_folder(folder: str, what: str = "output", shown: str | None = None) -> str:
+    """Raises UserError unless `folder` exists as a writable folder or can be created (its
+    nearest existing ancestor is a writable folder). Creates nothing."""
+    shown = shown or folder
+    d = os.path.abspath(folder)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise UserError(f"cannot write {what} {shown}: {d} is not a folder")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write {what} {shown}: {d} is not writable")
+    return folder
+
+
+def available_bytes() -> int:
+    return psutil.virtual_memory().available
+
+
+def check_memory(need: int, what: str, available: int | None = None) -> None:
+    """Refuses, before allocating, `need` bytes for `what` beyond 90 % of available memory."""
+    available = available_bytes() if available is None else available
+    if need > 0.9 * available:
+        raise UserError(f"{what} needs {need / 2**30:.2f} GiB but {available / 2**30:.1f} GiB "
+                        "are available; use a smaller --batch or --image")

@@ -1,7 +1,13 @@
 """`bnff bench`: whole training iterations of networks under several schedules, per thread
 count. Every schedule is allocated once and checked against `baseline` (loss and gradients)
 before it is timed; a warm-up iteration compiles, and its excess over the median is reported
-as compile time; repeats interleave the schedules so machine drift hits them alike."""
+as compile time; repeats interleave the schedules so machine drift hits them alike.
+
+Schedules whose plans do not fit in memory together run in the largest groups that do
+(memory_groups), each group interleaved and checked against one baseline iteration. The rows
+of each (network, threads) are appended to --csv as soon as they are measured, --resume skips
+the points the file holds for this machine and commit, and the final tables are read back
+from the file, so an interrupted and resumed run ends with the tables of an uninterrupted one."""
 from __future__ import annotations
 
 import argparse
@@ -10,14 +16,15 @@ import time
 from collections import defaultdict
 
 import numba
-import psutil
+import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
-from bnff.cli.args import UserError, positive_int, thread_list
+from bnff.cli.args import (RunFailed, UserError, available_bytes, nonneg_int, positive_float,
+                           positive_int, thread_list, writable_folder)
 from bnff.cli.check import max_rel_grad_diff
 from bnff.lowering.executor import Executor
-from bnff.measure.machine import append_csv, machine_info
+from bnff.measure.machine import CsvLog, latest, machine_info, same_machine
 from bnff.suites.problem import make_batch, make_params
 from bnff.lowering.schedules import FLOAT32, GRAD_TOLERANCE
 from bnff.suites import networks
@@ -44,8 +51,16 @@ def add_parser(sub) -> None:
                    help=f"comma-separated schedules (default: {','.join(FLOAT32)})")
     p.add_argument("--repeat", type=positive_int, default=5,
                    help="timed iterations per schedule and thread count (default 5)")
-    p.add_argument("--seed", type=int, default=0, help="seed of parameters and batch")
-    p.add_argument("--csv", metavar="FILE", help="append rows to this CSV file")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of parameters and batch")
+    p.add_argument("--csv", metavar="FILE",
+                   help="append the rows of each (network, threads) to this CSV file as soon as "
+                        "they are measured; the final tables are read back from it")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the (network, threads) points the --csv file already holds for "
+                        "this machine and commit (after an interrupted run)")
+    p.add_argument("--memory-gib", type=positive_float, default=None,
+                   help="memory the run may use (default: what is available now); schedules "
+                        "that do not fit together run in groups")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots here (needs matplotlib)")
     p.set_defaults(func=run)
 
@@ -59,69 +74,126 @@ def _schedule_list(text):
     return names
 
 
-def memory_guard(executors, available=None) -> int:
-    """Refuses, before allocating, a run whose schedules would not fit in memory together."""
-    need = sum(ex.peak_bytes() for ex in executors)
-    available = psutil.virtual_memory().available if available is None else available
-    if need > 0.9 * available:
-        detail = ", ".join(f"{ex.schedule} {ex.peak_bytes() / 2**30:.2f}" for ex in executors)
-        raise UserError(
-            f"{executors[0].graph.name} at batch {executors[0].batch}, image "
-            f"{executors[0].image} needs {need / 2**30:.1f} GiB for its schedules ({detail} GiB)"
-            f" but {available / 2**30:.1f} GiB are available; use a smaller --batch or "
-            "--image, or fewer --schedules")
-    return need
+def memory_groups(executors, available=None) -> list:
+    """Schedules in the largest groups that fit in memory together (first fit, largest plan
+    first; each group keeps the run's schedule order), planned before anything is allocated
+    (plan.peak_bytes). Refuses only a schedule that does not fit alone."""
+    available = available_bytes() if available is None else available
+    budget = 0.9 * available
+    g0 = executors[0]
+    for ex in executors:
+        if ex.peak_bytes() > budget:
+            raise UserError(
+                f"{g0.graph.name} at batch {g0.batch}, image {g0.image}: schedule {ex.schedule} "
+                f"alone needs {ex.peak_bytes() / 2**30:.2f} GiB but {available / 2**30:.1f} GiB "
+                "are available; use a smaller --batch or --image")
+    groups = []
+    for ex in sorted(executors, key=lambda e: -e.peak_bytes()):
+        fit = next((g for g in groups if sum(e.peak_bytes() for e in g) + ex.peak_bytes()
+                    <= budget), None)
+        if fit is None:
+            groups.append([ex])
+        else:
+            fit.append(ex)
+    order = {ex.schedule: i for i, ex in enumerate(executors)}
+    return sorted((sorted(g, key=lambda e: order[e.schedule]) for g in groups),
+                  key=lambda g: order[g[0].schedule])
 
 
-def validate(executors, reference="baseline") -> dict:
-    """Loss and largest relative gradient difference of each schedule against `reference`."""
-    ref = next((ex for ex in executors if ex.schedule == reference), executors[0])
-    ref_loss, ref_grads = ref.loss(), ref.grads()
+def check_finite(ex) -> None:
+    """RunFailed naming the tensor if the loss or a gradient holds a NaN or an Inf."""
+    where = f"{ex.schedule} on {ex.graph.name}"
+    if not np.isfinite(ex.loss()):
+        raise RunFailed(f"{where}: the loss is {ex.loss()}")
+    for k, g in ex.grads().items():
+        if not np.isfinite(g).all():
+            raise RunFailed(f"{where}: the gradient of {k} holds NaN or Inf")
+
+
+def validate(executors, reference=None) -> dict:
+    """Largest relative gradient difference of each schedule against `reference` = (name, loss,
+    grads), by default `baseline` among the executors (else the first); RunFailed on a NaN or
+    Inf or a difference beyond GRAD_TOLERANCE."""
+    for ex in executors:
+        check_finite(ex)
+    if reference is None:
+        ref = next((ex for ex in executors if ex.schedule == "baseline"), executors[0])
+        reference = (ref.schedule, ref.loss(), ref.grads())
+    ref_name, ref_loss, ref_grads = reference
     out = {}
     for ex in executors:
         diff, where = max_rel_grad_diff(ex.grads(), ref_grads)
         loss_diff = abs(ex.loss() - ref_loss) / abs(ref_loss)
         if diff > GRAD_TOLERANCE or loss_diff > GRAD_TOLERANCE:
-            raise UserError(f"{ex.schedule} disagrees with {ref.schedule} on {ex.graph.name}: "
+            raise RunFailed(f"{ex.schedule} disagrees with {ref_name} on {ex.graph.name}: "
                             f"loss {ex.loss():.6f} vs {ref_loss:.6f}, gradient of {where} off by "
                             f"{diff:.1e} (tolerance {GRAD_TOLERANCE:.0e}); not timing it")
         out[ex.schedule] = diff
     return out
 
 
-def bench_network(graph, args, bar, machine) -> list:
-    executors = [Executor(graph, s, args.batch, args.image) for s in args.schedules]
-    memory_guard(executors)
-    params = make_params(graph, args.seed)
-    x, labels = make_batch(graph, args.batch, args.image, args.seed)
+def baseline_result(graph, args, problem) -> tuple:
+    """("baseline", loss, grads) of one baseline iteration: what every group is checked against
+    (allocated only for this, then released)."""
+    ex = Executor(graph, "baseline", args.batch, args.image)
+    ex.load(*problem)
+    ex.run()
+    check_finite(ex)
+    out = ("baseline", ex.loss(), ex.grads())
+    ex.release()
+    return out
+
+
+def time_group(executors, threads, repeat, bar, reference) -> dict:
+    """{schedule: (warm-up seconds, [iteration seconds], [[step seconds]] per repeat)}: a warm-up
+    iteration each (it compiles), validation of its results against `reference`, then `repeat`
+    rounds interleaving the schedules."""
+    numba.set_num_threads(threads)
+    warm = {}
     for ex in executors:
-        ex.load(params, x, labels)
-    rows = []
-    for threads in args.threads:
-        numba.set_num_threads(threads)
-        warm = {}
+        t = time.perf_counter()
+        ex.run()
+        warm[ex.schedule] = time.perf_counter() - t
+        bar.update(1)
+    validate(executors, reference)
+    out = {ex.schedule: (warm[ex.schedule], [], []) for ex in executors}
+    for _ in range(repeat):
         for ex in executors:
+            steps = []
             t = time.perf_counter()
-            ex.run()
-            warm[ex.schedule] = time.perf_counter() - t
+            ex.run(steps)
+            out[ex.schedule][1].append(time.perf_counter() - t)
+            out[ex.schedule][2].append(steps)
             bar.update(1)
-        validate(executors)
-        step_times = {ex.schedule: [] for ex in executors}
-        iter_times = defaultdict(list)
-        for _ in range(args.repeat):
-            for ex in executors:
-                times = []
-                t = time.perf_counter()
-                ex.run(times)
-                iter_times[ex.schedule].append(time.perf_counter() - t)
-                step_times[ex.schedule].append(times)
-                bar.update(1)
-        for ex in executors:
-            rows += _rows(ex, threads, step_times[ex.schedule], iter_times[ex.schedule],
-                          warm[ex.schedule], machine)
-    for ex in executors:
-        ex.release()
-    return rows
+    return out
+
+
+def bench_network(graph, groups, args, todo, bar, machine, emit) -> None:
+    """Times `graph`'s schedule groups at each thread count in `todo`, validating each group
+    against one baseline iteration first; emit(rows) gets the rows of each (network, threads)
+    as soon as all its groups have run. A single group stays allocated across thread counts."""
+    problem = (make_params(graph, args.seed), *make_batch(graph, args.batch, args.image,
+                                                          args.seed))
+    reference = baseline_result(graph, args, problem) if todo else None
+    try:
+        for threads in todo:
+            rows = []
+            for group in groups:
+                for ex in group:
+                    if ex.arrays is None:
+                        ex.load(*problem)
+                times = time_group(group, threads, args.repeat, bar, reference)
+                for ex in group:
+                    warm, iters, steps = times[ex.schedule]
+                    rows += _rows(ex, threads, steps, iters, warm, machine)
+                if len(groups) > 1:
+                    for ex in group:
+                        ex.release()
+            emit(rows)
+    finally:
+        for group in groups:
+            for ex in group:
+                ex.release()
 
 
 def _rows(ex, threads, step_times, iter_times, warm, machine) -> list:
@@ -179,21 +251,65 @@ def summary_tables(rows) -> str:
     return "\n\n".join(out)
 
 
+def _run_key(r) -> tuple:
+    return (r["network"], r["batch"], r["image"], r["threads"])
+
+
 def run(args) -> int:
     graphs = [networks.load(n) for n in args.networks]
+    for g in graphs:
+        g.infer_shapes(args.batch, args.image)
+    available = args.memory_gib * 2**30 if args.memory_gib else available_bytes()
+    plans = []
+    for g in graphs:
+        groups = memory_groups([Executor(g, s, args.batch, args.image)
+                                for s in args.schedules], available)
+        plans.append((g, groups))
     machine = machine_info()
-    total = len(graphs) * len(args.threads) * len(args.schedules) * (args.repeat + 1)
-    rows = []
-    with tqdm(total=total, desc="bench", unit="iter", leave=False) as bar:
-        for g in graphs:
-            bar.set_postfix_str(g.name)
-            rows += bench_network(g, args, bar, machine)
     columns = COLUMNS + [k for k in machine if k not in COLUMNS]
-    if args.csv:
-        append_csv(args.csv, rows, columns)
+    log = CsvLog(args.csv, columns) if args.csv else None
+    if args.plot:
+        writable_folder(args.plot, "plots")
+    if args.resume and log is None:
+        raise UserError("--resume needs --csv: it skips what that file already holds")
+    held = {}
+    for r in (log.read() if log else []):
+        if r["stage"] == "iteration" and same_machine(r, machine):
+            held.setdefault(_run_key(r), set()).add(r["schedule"])
+    todo = {g.name: [t for t in args.threads if not (args.resume and set(args.schedules) <=
+                                                     held.get((g.name, args.batch, args.image,
+                                                               t), set()))]
+            for g, _ in plans}
+    for g, groups in plans:
+        if len(groups) > 1:
+            print(f"{g.name}: the schedules do not fit in {available / 2**30:.1f} GiB together; "
+                  f"running them in {len(groups)} groups, each interleaved and validated against "
+                  "baseline: " + " | ".join(",".join(ex.schedule for ex in gr) for gr in groups))
+        skipped = [t for t in args.threads if t not in todo[g.name]]
+        if skipped:
+            print(f"{g.name}: threads {','.join(map(str, skipped))} already in {args.csv} "
+                  f"for this machine and commit {machine['git_commit']} (--resume); skipped")
+    measured = []
+
+    def emit(rows):
+        measured.extend(rows)
+        if log:
+            log.append(rows)
+
+    total = sum(len(todo[g.name]) for g, _ in plans) * len(args.schedules) * (args.repeat + 1)
+    with tqdm(total=total, desc="bench", unit="iter", leave=False) as bar:
+        for g, groups in plans:
+            bar.set_postfix_str(g.name)
+            bench_network(g, groups, args, todo[g.name], bar, machine, emit)
+    rows = measured
+    if log:  # the tables of everything this run covers, as the CSV holds it
+        keys = {(g.name, args.batch, args.image, t) for g, _ in plans for t in args.threads}
+        rows = latest([r for r in log.read() if same_machine(r, machine) and _run_key(r) in keys
+                       and r["schedule"] in args.schedules],
+                      key=lambda r: _run_key(r) + (r["schedule"], r["stage"]))
     print(summary_tables(rows))
-    if args.csv:
-        print(f"\nwrote {len(rows)} rows to {args.csv}")
+    if log:
+        print(f"\nwrote {len(measured)} rows to {args.csv}")
     if args.plot:
         from bnff.measure.plots import plot_bench
         for path in plot_bench(rows, args.plot):

@@ -6,11 +6,12 @@ sums where a tensor feeds several nodes), deduplicated by (stage, descriptor); c
 often the shape occurs. Conv stages come from kernels/conv_*.py when those modules exist.
 
 For each stage: inputs are made once, every selected variant is run and checked against the
-float64 reference (ValidationError if one misses the stage's tolerance), then per thread
-count each variant is warmed up and the variants are timed interleaved, round after round,
-so drift hits them alike. The roofline (bnff/cli/roofline.py) is measured in the same run at
-each thread count, at its start and at its end, keeping the better of the two per figure
-(STREAM's best-of rule: a neighbour during one measurement must not inflate the percentages).
+float64 reference (ValidationError if one misses the stage's tolerance or an output holds a
+NaN or Inf), then per thread count each variant is warmed up and the variants are timed
+interleaved, round after round, so drift hits them alike. The rows of each (stage, shape) are
+appended to --csv as soon as it is measured (--resume skips those the file holds for this
+machine and commit), so the roofline (bnff/cli/roofline.py) they carry is the one measured at
+the start of the run, at each thread count.
 pct_roofline is GB/s over triad for a memory-bound row and GFLOP/s over the FMA peak for a
 compute-bound one (bound: flops/bytes against the ridge fma/triad).
 
@@ -47,8 +48,9 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 from bnff.cli import roofline
-from bnff.cli.args import UserError, add_network_args, nonneg_int, positive_int, thread_list
-from bnff.measure.machine import append_csv, llc_bytes, machine_info
+from bnff.cli.args import (UserError, add_network_args, check_memory, nonneg_float, nonneg_int,
+                           positive_float, positive_int, thread_list)
+from bnff.measure.machine import CsvLog, latest, llc_bytes, machine_info, same_machine
 from bnff.kernels.elementwise.add import Add
 from bnff.kernels.bn.bn_backward import BNBackward
 from bnff.kernels.bn.bn_normalize import BNNormalize
@@ -185,6 +187,10 @@ def validate(stage, variants, inputs, outputs) -> dict:
     errors = {}
     for v in variants:
         stage.run(v, inputs, outputs)
+        for name, a in outputs.items():
+            if not np.isfinite(a).all():
+                raise ValidationError(f"{stage.name} variant {v} at {stage.descriptor()}: "
+                                      f"output {name} holds NaN or Inf")
         errors[v] = stage.max_rel_error(outputs, ref)
         if not errors[v] <= stage.tolerance:
             raise ValidationError(f"{stage.name} variant {v} at {stage.descriptor()}: max relative "
@@ -338,43 +344,55 @@ def add_parser(sub) -> None:
     p.add_argument("--stage", help="only these stages, comma-separated (e.g. bn_stats,conv_fwd)")
     p.add_argument("--variant", help="only this variant, or `default` (default: all variants)")
     p.add_argument("--descriptor", help="only this shape, e.g. mb16ic256ih56iw56")
-    p.add_argument("--csv", metavar="FILE", help="append one row per (stage, variant, shape, "
-                                                 "threads) to FILE")
+    p.add_argument("--csv", metavar="FILE",
+                   help="append one row per (stage, variant, shape, threads) to FILE, those of "
+                        "each (stage, shape) as soon as it is measured; the final tables are "
+                        "read back from it")
     p.add_argument("--reps", type=positive_int, default=5,
                    help="minimum timed rounds per variant (default 5)")
-    p.add_argument("--min-time", type=float, default=0.2,
+    p.add_argument("--min-time", type=nonneg_float, default=0.2,
                    help="seconds each variant is timed at least, up to 50x --reps rounds "
                         "(default 0.2)")
     p.add_argument("--top", type=nonneg_int, default=40,
                    help="rows of the console table (default 40)")
-    p.add_argument("--array-mib", type=float, default=None,
+    p.add_argument("--array-mib", type=positive_float, default=None,
                    help="roofline STREAM array MiB (default 8x the LLC)")
     p.add_argument("--gemm-n", type=positive_int, default=2048,
                    help="roofline sgemm size (default 2048)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the inputs (default 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the (stage, shape)s the --csv file already holds for this machine "
+                        "and commit (after an interrupted run)")
     p.set_defaults(func=run)
 
 
-def micro(args, progress=True) -> list:
-    """The rows of one `bnff micro` run (raises UserError, ValidationError)."""
+def _row_key(r) -> tuple:
+    return (r["network"], r["batch"], r["image"], r["stage"], r["descriptor"], r["variant"],
+            r["threads"])
+
+
+def micro(args, progress=True, emit=None, held=()) -> list:
+    """The rows of one `bnff micro` run (raises UserError, ValidationError). emit(rows) gets the
+    rows of each (stage, shape) as soon as they are measured; a (stage, shape) whose every
+    (variant, threads) row is in `held` (_row_key) is skipped."""
     threads = args.threads or thread_list("all")
     mib = args.array_mib if args.array_mib is not None else roofline.default_array_mib()
-    if mib <= 0 or args.min_time < 0:
-        raise UserError("--array-mib must be positive and --min-time non-negative")
     graph = networks.load(args.network)
     work = select(stages_of(graph, args.batch, args.image), args.stage, args.variant,
                   args.descriptor)
+    check_memory(max(memory_need(st, vs) for st, _, vs in work) + 3 * int(mib * 2**20),
+                 f"{args.network} at batch {args.batch}, image {args.image}")
     machine = machine_info()
-    roofs, timed = {}, []
-    with tqdm(total=2 * len(threads) + len(work), desc="micro", unit="step", leave=False,
+    keys = lambda st, vs: {(args.network, args.batch, args.image, st.name, st.descriptor(), v, t)
+                           for v in vs for t in threads}
+    work = [w for w in work if not keys(w[0], w[2]) <= set(held)]
+    roofs, out = {}, []
+    with tqdm(total=len(threads) + len(work), desc="micro", unit="step", leave=False,
               disable=not progress) as bar:
-        def measure_roofline(when):
-            for t in threads:
-                bar.set_postfix_str(f"roofline {when}, {t} threads")
-                r = roofline.measure(t, mib, args.gemm_n, args.reps)
-                roofs[t] = {k: max(v, roofs.get(t, r)[k]) for k, v in r.items()}
-                bar.update()
-        measure_roofline("start")
+        for t in threads if work else ():
+            bar.set_postfix_str(f"roofline, {t} threads")
+            roofs[t] = roofline.measure(t, mib, args.gemm_n, args.reps)
+            bar.update()
         rng = np.random.default_rng(args.seed)
         for st, count, variants in work:
             bar.set_postfix_str(f"{st.name} {st.descriptor()}"[:60])
@@ -382,26 +400,47 @@ def micro(args, progress=True) -> list:
             numba.set_num_threads(max(threads))
             errors = validate(st, variants, inputs, outputs)
             fp = footprint(inputs) + footprint(outputs)
+            rows = []
             for t in threads:
                 numba.set_num_threads(t)
                 times = time_variants(st, variants, inputs, outputs, args.reps, args.min_time)
-                timed += [(st, count, v, t, times[v], errors, fp) for v in variants]
+                rows += [{**row_for(args, st, count, v, t, times[v], roofs[t], errors, fp),
+                          **machine} for v in variants]
+            out += rows
+            if emit:
+                emit(rows)
             bar.update()
             del inputs, outputs
-        measure_roofline("end")
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-    return [{**row_for(args, st, count, v, t, times, roofs[t], errors, fp), **machine}
-            for st, count, v, t, times, errors, fp in timed]
+    return out
+
+
+def memory_need(st, variants) -> int:
+    """Bytes a stage's validation holds, estimated before allocating from the bytes its
+    variants declare (each tensor streamed once: its float32 inputs and outputs) and the
+    float64 reference (twice that)."""
+    return 3 * max(st.cost(v).bytes for v in variants)
 
 
 def run(args) -> int:
+    machine = machine_info()
+    columns = COLUMNS + [k for k in machine if k not in COLUMNS]
+    log = CsvLog(args.csv, columns) if args.csv else None
+    if args.resume and log is None:
+        raise UserError("--resume needs --csv: it skips what that file already holds")
+    held = {_row_key(r) for r in log.read() if same_machine(r, machine)} if args.resume else ()
     try:
-        rows = micro(args)
+        rows = micro(args, emit=log.append if log else None, held=held)
     except ValidationError as e:
         print(f"bnff micro: validation failed: {e}", file=sys.stderr)
         return 1
-    print_tables(rows, args.top, llc_bytes())
-    if args.csv:
-        append_csv(args.csv, rows, COLUMNS + [k for k in rows[0] if k not in COLUMNS])
-        print(f"wrote {len(rows)} rows to {args.csv}")
+    appended = len(rows)
+    if log:  # the tables of everything this run covers, as the CSV holds it
+        mine = {_row_key(r) for r in rows} | set(held)
+        rows = latest([r for r in log.read() if same_machine(r, machine)
+                       and _row_key(r) in mine], key=_row_key)
+    if rows:
+        print_tables(rows, args.top, llc_bytes())
+    if log:
+        print(f"wrote {appended} rows to {args.csv}")
     return 0
