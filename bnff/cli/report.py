@@ -7,7 +7,7 @@ import glob
 import gzip
 import os
 
-from bnff.cli.args import UserError
+from bnff.cli.args import UserError, writable_file
 from bnff.cli.bench import summary_tables
 
 NUMERIC = ("batch", "image", "threads", "median_s", "min_s", "max_s", "repeats", "bytes",
@@ -38,13 +38,14 @@ def read_rows(path) -> list:
 
 
 def run(args) -> int:
+    out = args.out or os.path.join(args.results, "REPORT.md")
+    writable_file(out, "report")
     folders = sorted({os.path.dirname(p) for p in
                       glob.glob(os.path.join(args.results, "*", "bench.csv*"))})
     files = [os.path.join(d, "bench.csv") if os.path.exists(os.path.join(d, "bench.csv"))
              else os.path.join(d, "bench.csv.gz") for d in folders]
     if not files:
         raise UserError(f"no {args.results}/<machine>/bench.csv found; run `make bench` first")
-    out = args.out or os.path.join(args.results, "REPORT.md")
     parts = ["# bnff-bench results", "",
              "Written by `bnff report` from the CSVs beside it; every figure was measured by "
              "`bnff bench` on the machine named above its table. Speedups are ratios of "
