@@ -45,7 +45,9 @@ def build_parser() -> Parser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # SIGINT as KeyboardInterrupt even where the parent or a runtime left the default action
+    previous = signal.signal(signal.SIGTERM, _terminate), \
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return args.func(args) or 0
     except (UserError, GraphError) as e:
@@ -67,7 +69,8 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 143
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
 
 
 if __name__ == "__main__":
