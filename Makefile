@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 bench: $(STAMP)
-	$(BNFF) bench $(BENCH_ARGS) --csv results/$(MACHINE)/bench.csv
+	$(BNFF) bench $(BENCH_ARGS) --csv results/$(MACHINE)/bench.csv --resume
 	$(BNFF) report
 
 report: $(STAMP)
