@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from bnff.cli.bench import COLUMNS, memory_groups, summary_tables
 from bnff.cli.main import main
