@@ -44,7 +44,7 @@ $(STAMP): pyproject.toml
 	echo '$(EXTRAS)' > $(STAMP)
 
 bench: $(STAMP)
-	$(BNFF) bench $(BENCH_ARGS) --csv results/$(MACHINE)/bench.csv
+	$(BNFF) bench $(BENCH_ARGS) --csv results/$(MACHINE)/bench.csv --resume
 	$(BNFF) report
 
 # The CI benchmarks (tests/benchmarks) timed: saved under $(CI_STORE), compared with the

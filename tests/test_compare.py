@@ -9,7 +9,7 @@ import pytest
 from bnff.cli.bench import COLUMNS as BENCH_COLUMNS
 from bnff.cli.main import main
 from bnff.kernels.elementwise.relu import ReLUForward
-from bnff.measure.machine import append_csv
+from bnff.measure.machine import CsvLog
 
 MICRO = ["micro", "densenet121", "--batch", "2", "--image", "32", "--threads", "1",
          "--stage", "relu_fwd", "--descriptor", "mb2ic64ih8iw8", "--reps", "5",
@@ -50,7 +50,7 @@ def bench_csv(path, rows, **machine):
                 l2_bytes=1 << 20, l3_bytes=32 << 20, python="3.11.7", numpy="2.4.6",
                 numba="0.68.1", threading_layer="omp", git_commit="abc", timestamp="t")
     cols = BENCH_COLUMNS + [k for k in base if k not in BENCH_COLUMNS]
-    append_csv(str(path), [dict(base, **machine, **r) for r in rows], cols)
+    CsvLog(str(path), cols).append([dict(base, **machine, **r) for r in rows])
     return str(path)
 
 

@@ -66,7 +66,7 @@ def _example():
     (lambda d: d["nodes"][0].update(kernel=0), "'kernel' must be an integer >= 1"),
     (lambda d: d["nodes"][0].update(bias=1), "'bias' must be true or false"),
     (lambda d: d["nodes"][0].update(groups=2), "unknown attribute"),
-    (lambda d: d["nodes"][1].update(inputs=["relu1"]), "is not the graph input or an earlier"),
+    (lambda d: d["nodes"][1].update(inputs=["relu1"]), "the graph has a cycle: bn1 -> relu1 -> bn1"),
     (lambda d: d["nodes"][1].update(name="conv1"), "duplicate node name"),
     (lambda d: d["nodes"][5].update(inputs=["bn2", "input"]), "add inputs differ"),
     (lambda d: d["nodes"][9].update(inputs=["pool1"]), "two or more inputs"),

@@ -10,11 +10,12 @@ without NET times that one stage alone: a descriptor parses back into its stage.
 
 For each stage: inputs are made once, every selected variant is run into fresh NaN-filled
 outputs and checked against the float64 reference (bnff/measure/measurement.py;
-ValidationError if one misses the stage's tolerance), then per thread
-count each variant is warmed up and the variants are timed interleaved, round after round,
-so drift hits them alike. The roofline (bnff/measure/roofline.py) is measured in the same run at
-each thread count, at its start and at its end, keeping the better of the two per figure
-(STREAM's best-of rule: a neighbour during one measurement must not inflate the percentages).
+ValidationError if one misses the stage's tolerance or an output holds a NaN or Inf), then per
+thread count each variant is warmed up and the variants are timed interleaved, round after
+round, so drift hits them alike. The rows of each (stage, shape) are appended to --csv as soon
+as it is measured (--resume skips those the file holds for this machine and commit), so the
+roofline (bnff/measure/roofline.py) they carry is the one measured at the start of the run, at
+each thread count.
 pct_roofline is GB/s over triad for a memory-bound row and GFLOP/s over the FMA peak for a
 compute-bound one (bound: flops/bytes against the ridge fma/triad).
 
@@ -47,13 +48,14 @@ import numpy as np
 from tabulate import tabulate
 from tqdm import tqdm
 
-from bnff.cli.args import UserError, add_network_args, nonneg_int, positive_int, thread_list
+from bnff.cli.args import (UserError, add_network_args, check_memory, nonneg_float, nonneg_int,
+                           positive_float, positive_int, thread_list)
 from bnff.kernels import registry
 from bnff.lowering.dispatch import lower
 from bnff.lowering.plan import distinct_stage_calls, unstaged
 from bnff.lowering.schedules import SCHEDULES
 from bnff.measure import roofline
-from bnff.measure.machine import append_csv, llc_bytes, machine_info
+from bnff.measure.machine import CsvLog, latest, llc_bytes, machine_info, same_machine
 from bnff.measure.measurement import ValidationError, interleaved, median_min_max, validate
 from bnff.suites import networks
 
@@ -292,20 +294,25 @@ def add_parser(sub) -> None:
                                      "variants)")
     p.add_argument("--descriptor", help="only this shape, e.g. mb16ic256ih56iw56eps1e-05; "
                                         "without NET, the one shape to time")
-    p.add_argument("--csv", metavar="FILE", help="append one row per (stage, variant, shape, "
-                                                 "threads) to FILE")
+    p.add_argument("--csv", metavar="FILE",
+                   help="append one row per (stage, variant, shape, threads) to FILE, those of "
+                        "each (stage, shape) as soon as it is measured; the final tables are "
+                        "read back from it")
     p.add_argument("--reps", type=positive_int, default=5,
                    help="minimum timed rounds per variant (default 5)")
-    p.add_argument("--min-time", type=float, default=0.2,
+    p.add_argument("--min-time", type=nonneg_float, default=0.2,
                    help="seconds each variant is timed at least, up to 50x --reps rounds "
                         "(default 0.2)")
     p.add_argument("--top", type=nonneg_int, default=40,
                    help="rows of the console table (default 40)")
-    p.add_argument("--array-mib", type=float, default=None,
+    p.add_argument("--array-mib", type=positive_float, default=None,
                    help="roofline STREAM array MiB (default 8x the LLC)")
     p.add_argument("--gemm-n", type=positive_int, default=2048,
                    help="roofline sgemm size (default 2048)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inputs (default 0)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the inputs (default 0)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the (stage, shape)s the --csv file already holds for this machine "
+                        "and commit (after an interrupted run)")
     p.set_defaults(func=run)
 
 
@@ -343,12 +350,17 @@ def torch_parity(rows: list) -> list:
     return [(th, g, d, t) for (th, g), (d, t) in sorted(tot.items())]
 
 
-def micro(args, progress=True) -> list:
-    """The rows of one `bnff micro` run (raises UserError, ValidationError)."""
+def _row_key(r) -> tuple:
+    return (r["network"], r["batch"], r["image"], r["stage"], r["descriptor"], r["variant"],
+            r["threads"])
+
+
+def micro(args, progress=True, emit=None, held=()) -> list:
+    """The rows of one `bnff micro` run (raises UserError, ValidationError). emit(rows) gets the
+    rows of each (stage, shape) as soon as they are measured; a (stage, shape) whose every
+    (variant, threads) row is in `held` (_row_key) is skipped."""
     threads = args.threads or thread_list("all")
     mib = args.array_mib if args.array_mib is not None else roofline.default_array_mib()
-    if mib <= 0 or args.min_time < 0:
-        raise UserError("--array-mib must be positive and --min-time non-negative")
     if args.network is None:
         items = [(standalone(args), 1)]
         args.untimed = ""
@@ -357,17 +369,19 @@ def micro(args, progress=True) -> list:
         plans = plans_of(graph, args.batch, args.image)
         items, args.untimed = stages_of(graph, args.batch, args.image, plans), untimed(plans)
     work = select(items, args.stage, args.variant, args.descriptor)
+    check_memory(max(memory_need(st, vs) for st, _, vs in work) + 3 * int(mib * 2**20),
+                 f"{args.network or args.stage} at batch {args.batch}, image {args.image}")
     machine = machine_info()
-    roofs, timed = {}, []
-    with tqdm(total=2 * len(threads) + len(work), desc="micro", unit="step", leave=False,
+    keys = lambda st, vs: {(args.network or "", args.batch, args.image, st.name, st.descriptor(),
+                            v, t) for v in vs for t in threads}
+    work = [w for w in work if not keys(w[0], w[2]) <= set(held)]
+    roofs, out = {}, []
+    with tqdm(total=len(threads) + len(work), desc="micro", unit="step", leave=False,
               disable=not progress) as bar:
-        def measure_roofline(when):
-            for t in threads:
-                bar.set_postfix_str(f"roofline {when}, {t} threads")
-                r = roofline.measure(t, mib, args.gemm_n, args.reps)
-                roofs[t] = {k: max(v, roofs.get(t, r)[k]) for k, v in r.items()}
-                bar.update()
-        measure_roofline("start")
+        for t in threads if work else ():
+            bar.set_postfix_str(f"roofline, {t} threads")
+            roofs[t] = roofline.measure(t, mib, args.gemm_n, args.reps)
+            bar.update()
         rng = np.random.default_rng(args.seed)
         for st, count, variants in work:
             bar.set_postfix_str(f"{st.name} {st.descriptor()}"[:60])
@@ -377,28 +391,49 @@ def micro(args, progress=True) -> list:
             outputs = st.allocate_outputs()
             fp = footprint(inputs) + footprint(outputs)
             calls = timed_calls(st, variants, inputs, outputs)
+            rows = []
             for t in threads:
                 set_threads(t, variants)
                 times = interleaved(calls, args.reps, args.min_time)
-                timed += [(st, count, v, t, times[v], errors, fp) for v in variants]
+                rows += [{**row_for(args, st, count, v, t, times[v], roofs[t], errors, fp),
+                          **machine} for v in variants]
+            out += rows
+            if emit:
+                emit(rows)
             bar.update()
             del inputs, outputs
-        measure_roofline("end")
     set_threads(numba.config.NUMBA_NUM_THREADS, variants=())
-    return [{**row_for(args, st, count, v, t, times, roofs[t], errors, fp), **machine}
-            for st, count, v, t, times, errors, fp in timed]
+    return out
+
+
+def memory_need(st, variants) -> int:
+    """Bytes a stage's validation holds, estimated before allocating from the bytes its
+    variants declare (each tensor streamed once: its float32 inputs and outputs) and the
+    float64 reference (twice that)."""
+    return 3 * max(st.cost(st.default if v == TORCH else v).bytes for v in variants)
 
 
 def run(args) -> int:
+    machine = machine_info()
+    columns = COLUMNS + [k for k in machine if k not in COLUMNS]
+    log = CsvLog(args.csv, columns) if args.csv else None
+    if args.resume and log is None:
+        raise UserError("--resume needs --csv: it skips what that file already holds")
+    held = {_row_key(r) for r in log.read() if same_machine(r, machine)} if args.resume else ()
     try:
-        rows = micro(args)
+        rows = micro(args, emit=log.append if log else None, held=held)
     except ValidationError as e:
         print(f"bnff micro: validation failed: {e}", file=sys.stderr)
         return 1
-    print_tables(rows, args.top, llc_bytes())
+    appended = len(rows)
+    if log:  # the tables of everything this run covers, as the CSV holds it
+        mine = {_row_key(r) for r in rows} | set(held)
+        rows = latest([r for r in log.read() if same_machine(r, machine)
+                       and _row_key(r) in mine], key=_row_key)
+    if rows:
+        print_tables(rows, args.top, llc_bytes())
     if args.untimed:
         print(args.untimed)
-    if args.csv:
-        append_csv(args.csv, rows, COLUMNS + [k for k in rows[0] if k not in COLUMNS])
-        print(f"wrote {len(rows)} rows to {args.csv}")
+    if log:
+        print(f"wrote {appended} rows to {args.csv}")
     return 0

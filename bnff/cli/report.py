@@ -10,7 +10,7 @@ import glob
 import gzip
 import os
 
-from bnff.cli.args import UserError
+from bnff.cli.args import UserError, writable_file
 from bnff.measure.measurement import summary_tables
 
 NUMERIC = ("batch", "image", "threads", "median_s", "min_s", "max_s", "repeats", "bytes",
@@ -58,11 +58,12 @@ def machine_table(r) -> list:
 
 
 def run(args) -> int:
+    out = args.out or os.path.join(args.results, "REPORT.md")
+    writable_file(out, "report")
     folders = sorted({os.path.dirname(p) for p in
                       glob.glob(os.path.join(args.results, "*", "bench.csv*"))})
     if not folders:
         raise UserError(f"no {args.results}/<machine>/bench.csv found; run `make bench` first")
-    out = args.out or os.path.join(args.results, "REPORT.md")
     parts = ["# bnff-bench results", "",
              "Written by `bnff report` from the CSVs beside it; every figure was measured by "
              "`bnff bench` on the machine named above its table. Speedups are ratios of "

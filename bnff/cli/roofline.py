@@ -1,11 +1,12 @@
 """`bnff roofline`: the limits of this machine per thread count (bnff/measure/roofline.py
-says how each is measured)."""
+says how each is measured). Rows are appended to --csv as each thread count is measured;
+--resume skips what the file holds for this machine and commit."""
 from __future__ import annotations
 
 from tabulate import tabulate
 
-from bnff.cli.args import UserError, positive_int, thread_list
-from bnff.measure.machine import append_csv, machine_info
+from bnff.cli.args import UserError, check_memory, positive_float, positive_int, thread_list
+from bnff.measure.machine import CsvLog, latest, machine_info, same_machine
 from bnff.measure.roofline import FIGURES, default_array_mib, measure
 
 
@@ -19,8 +20,12 @@ def add_parser(sub) -> None:
                                    "else busy on the machine.")
     p.add_argument("--threads", type=thread_list, default=None,
                    help="thread counts, e.g. 1,2 or 1-4 or all (default all)")
-    p.add_argument("--csv", metavar="FILE", help="append one row per thread count to FILE")
-    p.add_argument("--array-mib", type=float, default=None,
+    p.add_argument("--csv", metavar="FILE",
+                   help="append one row per thread count to FILE as each is measured")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the thread counts the --csv file already holds for this machine, "
+                        "commit and sizes")
+    p.add_argument("--array-mib", type=positive_float, default=None,
                    help="MiB per STREAM array (default 8x the last-level cache)")
     p.add_argument("--gemm-n", type=positive_int, default=2048, help="sgemm size (default 2048)")
     p.add_argument("--reps", type=positive_int, default=10, help="repetitions, best kept "
@@ -34,17 +39,33 @@ COLUMNS = ["threads"] + FIGURES + ["array_mib", "gemm_n"]
 def run(args) -> int:
     threads = args.threads or thread_list("all")
     mib = args.array_mib if args.array_mib is not None else default_array_mib()
-    if mib <= 0:
-        raise UserError(f"--array-mib must be positive, got {mib}")
+    check_memory(3 * int(mib * 2**20) + 3 * 4 * args.gemm_n ** 2, f"--array-mib {mib:g} with "
+                 f"--gemm-n {args.gemm_n}")
     machine = machine_info()
-    rows = [{**measure(t, mib, args.gemm_n, args.reps), **machine} for t in threads]
+    columns = COLUMNS + list(machine)
+    log = CsvLog(args.csv, columns) if args.csv else None
+    if args.resume and log is None:
+        raise UserError("--resume needs --csv: it skips what that file already holds")
+    key = lambda r: (r["threads"], r["array_mib"], r["gemm_n"])
+    held = {key(r) for r in log.read() if same_machine(r, machine)} if args.resume else set()
+    rows = []
+    for t in threads:
+        if (t, round(mib, 3), args.gemm_n) in held:
+            continue
+        rows.append({**measure(t, mib, args.gemm_n, args.reps), **machine})
+        if log:
+            log.append(rows[-1:])
+    appended = len(rows)
+    if log:  # the table of everything this run covers, as the CSV holds it
+        wanted = {(t, round(mib, 3), args.gemm_n) for t in threads}
+        rows = latest([r for r in log.read() if same_machine(r, machine) and key(r) in wanted],
+                      key)
     print(f"{machine['cpu_model']} ({machine['cpu_arch']}), {machine['cores']} cores, "
           f"L3 {machine['l3_bytes'] >> 20} MiB, Numba {machine['numba']} "
           f"({machine['threading_layer']}); STREAM arrays {mib:.0f} MiB, sgemm n={args.gemm_n}")
     print(tabulate([[r[k] for k in COLUMNS[:7]] for r in rows],
                    headers=["threads", "copy GB/s", "scale GB/s", "add GB/s", "triad GB/s",
                             "FMA GFLOP/s", "sgemm GFLOP/s"], floatfmt=".1f"))
-    if args.csv:
-        append_csv(args.csv, rows, COLUMNS + list(machine))
-        print(f"wrote {len(rows)} rows to {args.csv}")
+    if log:
+        print(f"wrote {appended} rows to {args.csv}")
     return 0

@@ -18,6 +18,11 @@ class Executor:
         self.plan, self.io = lower(graph, batch, image, schedule)
         self.arrays = self.calls = None
 
+    @property
+    def loaded(self) -> bool:
+        """Buffers allocated (and a problem loaded) since the last release."""
+        return self.arrays is not None
+
     def peak_bytes(self) -> int:
         return self.plan.peak_bytes()
 

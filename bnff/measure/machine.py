@@ -9,11 +9,16 @@ LLVM CPU name Numba compiles for), vec_width (float32 lanes of bnff/engine/vec.p
 the host's or forced by BNFF_VEC_WIDTH), cores, l1d_bytes, l2_bytes, l3_bytes (per instance,
 from sysfs), python, numpy, numba, threading_layer (the layer Numba actually loaded, read after a
 parallel call), git_commit, timestamp (UTC).
+
+CsvLog is the result file every measuring command appends to as it goes; same_machine and
+latest select from it what a resumed run keeps and what its final tables show.
 """
 from __future__ import annotations
 
 import csv
+import fcntl
 import glob
+import io
 import os
 import platform
 import re
@@ -25,8 +30,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from bnff.errors import UserError
 from bnff.engine.vec import W
+from bnff.errors import UserError, writable_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LLC = 32 << 20  # assumed when sysfs tells nothing
@@ -116,22 +121,90 @@ def machine_info() -> dict:
             "timestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-def append_csv(path: str, rows: list, columns: list) -> None:
-    """Appends rows; writes the header only when the file is new or empty, and refuses a file
-    whose header differs (one header per file)."""
-    new = not os.path.exists(path) or os.path.getsize(path) == 0
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != columns:
+def parse_value(text: str):
+    """A CSV field as written by CsvLog: '' -> None, 'True'/'False' -> bool, else int, float or
+    the string itself (floats are written with repr, so they read back bit for bit)."""
+    if text == "":
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def same_machine(row: dict, machine: dict) -> bool:
+    """Whether a row was measured on this machine (CPU model, cores) at this commit."""
+    return all(str(row.get(k)) == str(machine[k]) for k in ("cpu_model", "cores", "git_commit"))
+
+
+def latest(rows: list, key) -> list:
+    """One row per key(row), the last one written, in the order keys first appear."""
+    out = {}
+    for r in rows:
+        out[key(r)] = r
+    return list(out.values())
+
+
+class CsvLog:
+    """An append-only CSV of result rows, one header per file.
+
+    Opening checks, before any work and creating nothing, that the file has this header (a
+    file with other columns is refused, never mixed) and that it can be written. append()
+    writes whole rows under an exclusive fcntl lock, in one write, then flushes and fsyncs:
+    two runs appending to one file do not interleave partial lines, and an interrupted run
+    keeps every row it appended before."""
+
+    def __init__(self, path: str, columns: list):
+        self.path, self.columns = path, list(columns)
+        writable_file(path, "CSV")
+        header = self._header()
+        if header is not None and header != self.columns:
             raise UserError(f"{path} has other columns than this command writes; "
                             "use another --csv file")
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            if new:
-                w.writeheader()
-            w.writerows(rows)
-    except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+    def _header(self):
+        """The file's header, or None when it is new or empty."""
+        try:
+            with open(self.path, newline="") as f:
+                return next(csv.reader(f), None)
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise UserError(f"cannot read {self.path} as a CSV file: {e}") from None
+
+    def read(self) -> list:
+        """The complete rows written so far, values parsed (parse_value)."""
+        if self._header() is None:
+            return []
+        with open(self.path, newline="") as f:
+            reader = csv.reader(f)
+            next(reader)
+            return [{k: parse_value(v) for k, v in zip(self.columns, line)}
+                    for line in reader if len(line) == len(self.columns)]
+
+    def append(self, rows: list) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
+        w.writerows(rows)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            with open(self.path, "a", newline="") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    header = self._header()
+                    if header is not None and header != self.columns:
+                        raise UserError(f"{self.path} got other columns meanwhile; not mixing")
+                    text = buf.getvalue()
+                    if header is None:
+                        text = ",".join(self.columns) + "\r\n" + text
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror}") from None

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from tabulate import tabulate
 
+from bnff.errors import RunFailed
 from bnff.lowering.schedules import PYTORCH, TORCH_MISSING
 
 CONFIDENCE = 0.95
@@ -56,6 +57,10 @@ def validate(stage, variants, inputs, run=None) -> dict:
     for v in variants:
         outputs = fresh_outputs(stage)
         run(v, inputs, outputs)
+        for name, o in outputs.items():
+            if o.dtype.kind == "f" and not np.isfinite(o).all():
+                raise ValidationError(f"{stage.name} variant {v} at {stage.descriptor()}: "
+                                      f"output {name} holds NaN or Inf")
         errors[v] = stage.max_rel_error(outputs, ref)
         if not errors[v] <= stage.tolerance:
             raise ValidationError(f"{stage.name} variant {v} at {stage.descriptor()}: max relative "
@@ -130,24 +135,38 @@ def paired_speedup(base_times, times, seed: int = 0) -> Speedup:
     return Speedup(math.exp(logs.mean()), math.exp(lo), math.exp(hi), n)
 
 
-ZERO_GRAD = 1e-3  # a gradient this much smaller than the largest one counts as zero
+ZERO = 1e-3  # a gradient norm below ZERO * rms * sqrt(size) counts as zero in exact arithmetic
+
+
+def rel_errors(grads: dict, ref: dict) -> dict:
+    """{parameter: ||g - ref|| / max(||ref||, zero level)}: norms rather than elementwise maxima
+    (a ReLU mask or max-pool choice that flips on a rounding moves single elements a lot and
+    the whole gradient little); the zero level is ZERO * rms of all reference gradients *
+    sqrt(size), so a gradient that is zero in exact arithmetic (the bias of a conv feeding a
+    BN) is judged by its absolute size."""
+    total = sum(float(np.sum(np.square(r))) for r in ref.values())
+    rms = np.sqrt(total / max(sum(r.size for r in ref.values()), 1))
+    out = {}
+    for k, r in ref.items():
+        d = float(np.linalg.norm(np.asarray(grads[k], np.float64) - r))
+        out[k] = d / max(float(np.linalg.norm(r)), ZERO * rms * np.sqrt(r.size), 1e-30)
+    return out
 
 
 def max_rel_grad_diff(grads: dict, ref: dict) -> tuple:
-    """(largest ||g - ref|| / ||ref|| over parameters, the parameter where it occurs). Norms
-    rather than elementwise maxima: a ReLU mask or a max-pool choice that flips on a float32
-    rounding moves single elements a lot and the whole gradient very little. A gradient that
-    is zero in exact arithmetic (the bias of a conv feeding a BN: BN's input gradient sums to
-    zero per channel) is float32 rounding noise, so ||ref|| is floored at ZERO_GRAD times the
-    largest parameter gradient's norm."""
-    floor = ZERO_GRAD * max([float(np.linalg.norm(r)) for r in ref.values()] + [1e-30])
-    worst, where = 0.0, ""
-    for k, r in ref.items():
-        d = float(np.linalg.norm(np.asarray(grads[k], np.float64) - r))
-        d /= max(float(np.linalg.norm(r)), floor)
-        if d >= worst:
-            worst, where = d, k
-    return worst, where
+    """(largest relative gradient difference over parameters (rel_errors), where it occurs)."""
+    errs = rel_errors(grads, ref)
+    where = max(errs, key=errs.get)
+    return errs[where], where
+
+
+def check_finite(loss, grads: dict, what: str) -> None:
+    """RunFailed naming the tensor when the loss or a gradient holds NaN or Inf."""
+    if not np.isfinite(loss):
+        raise RunFailed(f"{what}: the loss is {loss}")
+    for k, g in grads.items():
+        if not np.isfinite(g).all():
+            raise RunFailed(f"{what}: the gradient of {k} holds NaN or Inf")
 
 
 def _speedup_cell(speedups, r, same, ref) -> str:

@@ -14,6 +14,7 @@ not depend on the image size (the input must be size x size, else a GraphError).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 INPUT = "input"
@@ -91,8 +92,10 @@ def _node_from_dict(d: dict, index: int) -> Node:
         raise GraphError(f"node {name}: 'bias' must be true or false, got {attrs['bias']!r}")
     if op == "batchnorm":
         for key in ("eps", "momentum"):
-            if not isinstance(attrs[key], (int, float)) or attrs[key] < 0:
-                raise GraphError(f"node {name}: '{key}' must be a non-negative number")
+            v = attrs[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                    or v < 0:
+                raise GraphError(f"node {name}: '{key}' must be a finite number >= 0, got {v!r}")
     return Node(name, op, list(inputs), attrs)
 
 
@@ -123,8 +126,10 @@ class Graph:
             raise GraphError(f"input_channels must be a positive integer, got {c!r}")
         if not isinstance(d["nodes"], list) or not d["nodes"]:
             raise GraphError("'nodes' must be a non-empty list")
+        if not isinstance(d["name"], str) or not isinstance(d["output"], str):
+            raise GraphError("'name' and 'output' must be strings")
         nodes = [_node_from_dict(n, i) for i, n in enumerate(d["nodes"])]
-        return cls(str(d["name"]), c, nodes, d["output"])
+        return cls(d["name"], c, nodes, d["output"])
 
     def to_dict(self) -> dict:
         return {"name": self.name, "input_channels": self.input_channels,
@@ -144,11 +149,30 @@ class Graph:
                 raise GraphError(f"duplicate node name {n.name!r}")
             for i in n.inputs:
                 if i not in seen:
-                    raise GraphError(f"node {n.name}: input {i!r} is not the graph input "
-                                     "or an earlier node")
+                    if i not in self.by_name:
+                        raise GraphError(f"node {n.name}: input {i!r} is not the graph input "
+                                         "or a node")
+                    cycle = self._cycle(n.name)
+                    if cycle:
+                        raise GraphError("the graph has a cycle: " + " -> ".join(cycle))
+                    raise GraphError(f"node {n.name}: input {i!r} comes after it; list nodes "
+                                     "after their inputs")
             seen.add(n.name)
         if self.output not in self.by_name:
             raise GraphError(f"output {self.output!r} is not a node")
+
+    def _cycle(self, start: str) -> list:
+        """A path start -> ... -> start along inputs, or [] if start is on no cycle."""
+        stack, seen = [(start, [start])], set()
+        while stack:
+            name, path = stack.pop()
+            for i in self.by_name[name].inputs if name in self.by_name else ():
+                if i == start:
+                    return list(reversed(path + [start]))
+                if i not in seen:
+                    seen.add(i)
+                    stack.append((i, path + [i]))
+        return []
 
     def consumers(self) -> dict:
         """name -> list of nodes reading it."""
@@ -254,13 +278,17 @@ class Graph:
 
 
 def load_json(path: str) -> Graph:
+    """The graph in a JSON file: parsed as data only (json.load; nothing is evaluated or
+    imported), every error a one-line GraphError."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except OSError as e:
         raise GraphError(f"cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GraphError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise GraphError(f"{path} is nested too deeply to be a graph") from None
     try:
         return Graph.from_dict(d)
     except GraphError as e:

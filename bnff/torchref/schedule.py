@@ -102,6 +102,11 @@ class TorchExecutor:
         self.allocator = allocator or chosen_allocator()
         self.proc = self.tmp = None
 
+    @property
+    def loaded(self) -> bool:
+        """A child process holds the problem (since load, until release)."""
+        return self.proc is not None
+
     def peak_bytes(self) -> int:
         return 0  # PyTorch's peak is not known before it runs
 
