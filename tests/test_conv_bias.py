@@ -78,7 +78,9 @@ def test_schedule_with_biased_convs_matches_reference(problem, schedule):
     loss, grads = train_step(g, params, x, labels, SCHEDULES[schedule])
     assert abs(loss - ref_loss) / ref_loss < 1e-6
     diff, where = max_rel_grad_diff(grads, ref_grads)
-    assert diff < 1e-4, (schedule, where, diff)
+    # a conv bias feeding a BN has a gradient that is zero in exact arithmetic: its float32
+    # noise against measurement.rel_errors' zero level reaches 3e-4; a lost term is O(1)
+    assert diff < 1e-3, (schedule, where, diff)
     # convs whose output only reaches a BN (feat through the concat): the bias gradient is
     # zero in exact arithmetic, float32 rounding here
     scale = np.linalg.norm(ref_grads["stem.weight"])

@@ -257,8 +257,9 @@ def bench_network(graph, groups, args, todo, bar, machine, emit) -> tuple:
                         ex.load(*problem)
                 times, sp, why = time_group(group, threads, args, bar, reference)
                 speedups.update(sp)
-                notes.append(f"{graph.name}, {threads} threads, "
-                             f"{','.join(ex.schedule.name for ex in group)}: {why}")
+                which = (f" ({','.join(ex.schedule.name for ex in group)})"
+                         if len(groups) > 1 else "")
+                notes.append(f"{graph.name}, {threads} threads: {why}{which}")
                 for ex in group:
                     warm, iters, steps = times[ex.schedule.name]
                     rows += _rows(ex, threads, steps, iters, warm, machine)

@@ -22,7 +22,7 @@ from tabulate import tabulate
 
 from bnff.cli.args import (RunFailed, UserError, add_network_args, check_memory, nonneg_int,
                            writable_file)
-from bnff.lowering.executor import Executor
+from bnff.lowering.executor import Executor, train_step
 from bnff.lowering.reference_step import train_step as reference_step
 from bnff.lowering.schedules import FLOAT32, PYTORCH, SCHEDULES, TORCH_MISSING, torch_available
 from bnff.measure.measurement import check_finite, rel_errors
