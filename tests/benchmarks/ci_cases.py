@@ -24,10 +24,10 @@ import time
 from functools import lru_cache
 
 import numba
-import numpy as np
 
-from bnff.cli.micro import ValidationError, stages_of
+from bnff.cli.micro import stages_of
 from bnff.kernels import registry
+from bnff.measure.measurement import ValidationError, fresh_outputs
 from bnff.suites import networks
 
 NETWORKS = ("densenet121", "resnet50")
@@ -101,9 +101,7 @@ def check(st, variant: str, inputs: dict, ref: dict) -> tuple:
     """(outputs, max relative error, seconds of the first call): the variant run once into
     fresh outputs filled with NaN (so an element it leaves unwritten fails), compiling it;
     ValidationError if it misses the stage's tolerance."""
-    outputs = st.allocate_outputs()
-    for a in outputs.values():
-        a.fill(np.nan if a.dtype.kind == "f" else -1)
+    outputs = fresh_outputs(st)
     t0 = time.perf_counter()
     st.run(variant, inputs, outputs)
     first = time.perf_counter() - t0
