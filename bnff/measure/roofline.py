@@ -8,7 +8,8 @@ them, `bnff micro` measures them around its stages).
     FMA peak: each thread runs CHAINS independent vector FMA chains (<W x float>, W = 16 with
       AVX-512 else 8) in registers: 2 * CHAINS * W FLOP per iteration.
     sgemm: numpy float32 matmul n x n in a child process whose BLAS is limited to the thread
-      count by OPENBLAS/OMP/MKL/BLIS_NUM_THREADS: 2 n^3 FLOP.
+      count by OPENBLAS/OMP/MKL/BLIS_NUM_THREADS: 2 n^3 FLOP (the child in a session of its
+      own: a Ctrl-C at the terminal reaches only the command, which ends it).
 
 measure(threads, array_mib, gemm_n, reps) -> dict of the figures above for one thread count.
 """
@@ -148,7 +149,7 @@ def sgemm(threads: int, n: int, reps: int) -> float:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
         env[var] = str(threads)
     p = subprocess.run([sys.executable, "-c", _GEMM, str(n), str(reps)], env=env,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, start_new_session=True)
     if p.returncode != 0:
         raise RuntimeError(f"sgemm child process failed: {p.stderr.strip()[-500:]}")
     return float(p.stdout.strip())
