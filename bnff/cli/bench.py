@@ -16,22 +16,30 @@ Schedules whose plans do not fit in memory together run in the largest groups th
 between groups are ratios of medians, not paired. The rows of each (network, threads) are
 appended to --csv as soon as they are measured, --resume skips the points the file holds for
 this machine and commit, and the final tables are read back from the file, so an interrupted
-and resumed run ends with the tables of an uninterrupted one."""
+and resumed run ends with the tables of an uninterrupted one.
+
+--plot DIR draws the plots of bnff/measure/plots.py; for its roofline chart the run measures
+this machine's roofs at its largest thread count after the sweep (STREAM triad, FMA peak,
+numpy sgemm: bnff/measure/roofline.py, a few seconds), prints them and appends them to
+DIR/roofline.csv in the format of `bnff roofline --csv`; the iteration rows are unchanged."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numba
 import numpy as np
 from tqdm import tqdm
 
-from bnff.cli.args import (RunFailed, UserError, available_bytes, nonneg_float, nonneg_int,
-                           positive_float, positive_int, thread_list, writable_folder)
+from bnff.cli.args import (RunFailed, UserError, available_bytes, check_memory, nonneg_float,
+                           nonneg_int, positive_float, positive_int, thread_list,
+                           writable_folder)
 from bnff.lowering.executor import Executor
 from bnff.lowering.schedules import (FLOAT32, GRAD_TOLERANCE, PYTORCH, SCHEDULES, TORCH_MISSING,
                                      torch_available)
 from bnff.measure.machine import CsvLog, latest, machine_info, same_machine
+from bnff.measure import roofline
 from bnff.measure.measurement import (max_rel_grad_diff, median_min_max, paired_speedup,
                                       summary_tables)
 from bnff.suites import networks
@@ -40,6 +48,11 @@ from bnff.suites.problem import make_batch, make_params
 COLUMNS = ["network", "schedule", "batch", "image", "threads", "stage", "kind", "phase",
            "median_s", "min_s", "max_s", "repeats", "bytes", "flops", "peak_mem_bytes",
            "compile_s"]
+
+# The roofs --plot draws, measured after the sweep at its largest thread count: STREAM over
+# arrays of 8x the LLC, as `bnff roofline` and `bnff micro` measure them, but 3 repetitions
+# and sgemm at n = 1024 (a few seconds in all).
+ROOF_REPS, ROOF_GEMM_N = 3, 1024
 
 # PyTorch against `baseline`: two independent float32 computations (other algorithms and
 # summation orders), so the rounding that deep networks amplify counts twice: ResNet-50 at
@@ -83,7 +96,9 @@ def add_parser(sub) -> None:
     p.add_argument("--memory-gib", type=positive_float, default=None,
                    help="memory the run may use (default: what is available now); schedules "
                         "that do not fit together run in groups")
-    p.add_argument("--plot", metavar="DIR", help="write PNG plots here (needs matplotlib)")
+    p.add_argument("--plot", metavar="DIR",
+                   help="write PNG plots here (needs matplotlib), the roofline chart under the "
+                        "roofs measured after the sweep (appended to DIR/roofline.csv)")
     p.set_defaults(func=run)
 
 
@@ -321,8 +336,13 @@ def run(args) -> int:
     machine = machine_info()
     columns = COLUMNS + [k for k in machine if k not in COLUMNS]
     log = CsvLog(args.csv, columns) if args.csv else None
+    roof_log = None
     if args.plot:
         writable_folder(args.plot, "plots")
+        roof_log = CsvLog(os.path.join(args.plot, "roofline.csv"),
+                          roofline.COLUMNS + list(machine))
+        mib = roofline.default_array_mib()
+        check_memory(3 * int(mib * 2**20) + 3 * 4 * ROOF_GEMM_N ** 2, "the roofline of --plot")
     if args.resume and log is None:
         raise UserError("--resume needs --csv: it skips what that file already holds")
     held = {}
@@ -372,6 +392,12 @@ def run(args) -> int:
         print(f"\nwrote {len(measured)} rows to {args.csv}")
     if args.plot:
         from bnff.measure.plots import plot_bench
-        for path in plot_bench(rows, args.plot, speedups=speedups):
+        top = max(args.threads)
+        roof = roofline.measure(top, mib, ROOF_GEMM_N, ROOF_REPS)
+        roof_log.append([{**roof, **machine}])
+        print(f"\nroofline, {top} threads: triad {roof['triad_gbps']:.1f} GB/s, FMA peak "
+              f"{roof['fma_gflops']:.1f} GFLOP/s, numpy sgemm {roof['sgemm_gflops']:.1f} GFLOP/s "
+              f"(appended to {roof_log.path})")
+        for path in plot_bench(rows, args.plot, roofline={top: roof}, speedups=speedups):
             print(f"wrote {path}")
     return 0

@@ -7,7 +7,7 @@ from tabulate import tabulate
 
 from bnff.cli.args import UserError, check_memory, positive_float, positive_int, thread_list
 from bnff.measure.machine import CsvLog, latest, machine_info, same_machine
-from bnff.measure.roofline import FIGURES, default_array_mib, measure
+from bnff.measure.roofline import COLUMNS, default_array_mib, measure
 
 
 def add_parser(sub) -> None:
@@ -31,9 +31,6 @@ def add_parser(sub) -> None:
     p.add_argument("--reps", type=positive_int, default=10, help="repetitions, best kept "
                                                                  "(default 10)")
     p.set_defaults(func=run)
-
-
-COLUMNS = ["threads"] + FIGURES + ["array_mib", "gemm_n"]
 
 
 def run(args) -> int:

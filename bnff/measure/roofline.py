@@ -33,6 +33,7 @@ from bnff.measure.measurement import best_of
 CHAINS = 12  # independent FMA chains per thread: > latency x pipes on current x86 cores
 WIDTH = 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
 FIGURES = ["copy_gbps", "scale_gbps", "add_gbps", "triad_gbps", "fma_gflops", "sgemm_gflops"]
+COLUMNS = ["threads"] + FIGURES + ["array_mib", "gemm_n"]  # of a measure() row
 
 
 @njit(parallel=True, fastmath=True)
