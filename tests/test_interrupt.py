@@ -77,7 +77,7 @@ def test_bench_sigint_keeps_rows_and_resume_ends_with_the_same_tables(tmp_path, 
     its = {(r["network"], r["schedule"]) for r in rows if r["stage"] == "iteration"}
     assert its == {("vgg_residual", "baseline"), ("vgg_residual", "bnff")}  # one point whole
 
-    assert main(bench_argv(tmp_path, 2) + csv_arg + ["--resume"]) == 0
+    assert main(bench_argv(tmp_path, 1000) + csv_arg + ["--resume"]) == 0  # the same settings
     resumed = capsys.readouterr().out
     assert "vgg_residual: threads 1 already in" in resumed and "skipped" in resumed
     log = CsvLog(str(out), COLUMNS + list(complete_rows(out)[0])[len(COLUMNS):])
@@ -98,6 +98,47 @@ def test_bench_sigint_keeps_rows_and_resume_ends_with_the_same_tables(tmp_path, 
     assert sorted(map(key, rows)) == sorted(map(key, whole))
     strip = lambda text: [line.split()[:2] for line in text.splitlines()]
     assert strip(summary_tables(whole)) == strip(summary_tables(rows))
+
+
+def test_resume_skips_only_what_was_measured_with_the_same_settings(tmp_path, capsys):
+    def iterations(path):
+        return [(r["network"], r["schedule"], r["settings"]) for r in complete_rows(path)
+                if r["stage"] == "iteration"]
+    bench = tmp_path / "bench.csv"
+    argv = ["bench", EXAMPLE, "--batch", "2", "--image", "16", "--threads", "1",
+            "--schedules", "baseline,bnff", "--repeat", "1", "--csv", str(bench), "--resume"]
+    assert main(argv) == 0
+    assert main(argv + ["--seed", "1"]) == 0  # another seed: measured again
+    assert main(argv + ["--repeat", "2", "--seed", "1"]) == 0  # more rounds: again
+    assert "skipped" not in capsys.readouterr().out
+    settings = ["--seed 0 --repeat 1 --ci-target 0.03 --budget 0",
+                "--seed 1 --repeat 1 --ci-target 0.03 --budget 0",
+                "--seed 1 --repeat 2 --ci-target 0.03 --budget 0"]
+    assert iterations(bench) == [("vgg_residual", s, k) for k in settings
+                                 for s in ("baseline", "bnff")]
+    assert main(argv + ["--seed", "1"]) == 0  # held with these settings: skipped
+    printed = capsys.readouterr().out
+    assert f"and settings {settings[1]} (--resume); skipped" in printed
+    assert "wrote 0 rows" in printed and len(iterations(bench)) == 6
+
+    micro = tmp_path / "micro.csv"
+    argv = ["micro", EXAMPLE, "--batch", "2", "--image", "16", "--threads", "1", "--stage",
+            "relu_fwd", "--variant", "default", "--min-time", "0", "--array-mib", "1",
+            "--gemm-n", "64", "--reps", "1", "--csv", str(micro), "--resume"]
+    assert main(argv) == 0
+    first = len(complete_rows(micro))
+    assert main(argv[:-5] + ["--reps", "2", "--csv", str(micro), "--resume"]) == 0
+    assert main(argv + ["--seed", "3"]) == 0
+    rows = complete_rows(micro)
+    assert len(rows) == 3 * first and len({r["settings"] for r in rows}) == 3
+    assert main(argv + ["--seed", "3"]) == 0 and len(complete_rows(micro)) == 3 * first
+
+    roof = tmp_path / "roof.csv"
+    argv = ["roofline", "--threads", "1", "--array-mib", "1", "--gemm-n", "64", "--csv",
+            str(roof), "--resume"]
+    for reps in ("1", "2", "2"):
+        assert main(argv + ["--reps", reps]) == 0
+    assert [r["reps"] for r in complete_rows(roof)] == ["1", "2"]
 
 
 def test_micro_sigterm_keeps_each_finished_stage(tmp_path):

@@ -15,8 +15,15 @@ Schedules whose plans do not fit in memory together run in the largest groups th
 (memory_groups), each group interleaved and checked against one baseline iteration; speedups
 between groups are ratios of medians, not paired. The rows of each (network, threads) are
 appended to --csv as soon as they are measured, --resume skips the points the file holds for
-this machine and commit, and the final tables are read back from the file, so an interrupted
-and resumed run ends with the tables of an uninterrupted one.
+this machine, commit and settings, and the final tables are read back from the file, so an
+interrupted and resumed run ends with the tables of an uninterrupted one.
+
+Every row records the settings that change its numbers and are not columns of their own
+(`settings`: --seed, which draws the parameters and batch, and --repeat, --ci-target and
+--budget, which decide the rounds), as the options that give them. A point held with other
+settings is measured again, not taken as done, and the final tables keep only the rows of
+this run's settings; a file written before this column existed has another header and is
+refused (CsvLog), since nothing in it can say with which settings its rows were measured.
 
 --plot DIR draws the plots of bnff/measure/plots.py; for its roofline chart the run measures
 this machine's roofs at its largest thread count after the sweep (STREAM triad, FMA peak,
@@ -47,7 +54,7 @@ from bnff.suites.problem import make_batch, make_params
 
 COLUMNS = ["network", "schedule", "batch", "image", "threads", "stage", "kind", "phase",
            "median_s", "min_s", "max_s", "repeats", "bytes", "flops", "peak_mem_bytes",
-           "compile_s"]
+           "compile_s", "settings"]
 
 # The roofs --plot draws, measured after the sweep at its largest thread count: STREAM over
 # arrays of 8x the LLC, as `bnff roofline` and `bnff micro` measure them, but 3 repetitions
@@ -92,7 +99,7 @@ def add_parser(sub) -> None:
                         "they are measured; the final tables are read back from it")
     p.add_argument("--resume", action="store_true",
                    help="skip the (network, threads) points the --csv file already holds for "
-                        "this machine and commit (after an interrupted run)")
+                        "this machine, commit and settings (after an interrupted run)")
     p.add_argument("--memory-gib", type=positive_float, default=None,
                    help="memory the run may use (default: what is available now); schedules "
                         "that do not fit together run in groups")
@@ -258,7 +265,8 @@ def bench_network(graph, groups, args, todo, bar, machine, emit) -> tuple:
     """Times `graph`'s schedule groups at each thread count in `todo`, validating each group
     against one baseline iteration first; emit(rows) gets the rows of each (network, threads)
     as soon as all its groups have run. A single group stays allocated across thread counts.
-    Returns (speedups, one note per thread count and group saying why its rounds stopped)."""
+    Returns (speedups, one note per thread count and group saying why its rounds stopped).
+    `machine` holds the columns every row carries: the machine's and `settings`."""
     problem = (make_params(graph, args.seed), *make_batch(graph, args.batch, args.image,
                                                           args.seed))
     reference = baseline_result(graph, args, problem) if todo else None
@@ -318,6 +326,13 @@ def _rows(ex, threads, step_times, iter_times, warm, machine) -> list:
     return rows
 
 
+def settings_of(args) -> str:
+    """The options of a run that change its numbers, other than the columns (the rows'
+    `settings`)."""
+    return (f"--seed {args.seed} --repeat {args.repeat} --ci-target {args.ci_target:g} "
+            f"--budget {args.budget:g}")
+
+
 def _run_key(r) -> tuple:
     return (r["network"], r["batch"], r["image"], r["threads"])
 
@@ -334,6 +349,7 @@ def run(args) -> int:
                                 for s in args.schedules], available)
         plans.append((g, groups))
     machine = machine_info()
+    settings = settings_of(args)
     columns = COLUMNS + [k for k in machine if k not in COLUMNS]
     log = CsvLog(args.csv, columns) if args.csv else None
     roof_log = None
@@ -347,7 +363,7 @@ def run(args) -> int:
         raise UserError("--resume needs --csv: it skips what that file already holds")
     held = {}
     for r in (log.read() if log else []):
-        if r["stage"] == "iteration" and same_machine(r, machine):
+        if r["stage"] == "iteration" and same_machine(r, machine) and r["settings"] == settings:
             held.setdefault(_run_key(r), set()).add(r["schedule"])
     todo = {g.name: [t for t in args.threads if not (args.resume and set(names) <=
                                                      held.get((g.name, args.batch, args.image,
@@ -362,7 +378,8 @@ def run(args) -> int:
         skipped = [t for t in args.threads if t not in todo[g.name]]
         if skipped:
             print(f"{g.name}: threads {','.join(map(str, skipped))} already in {args.csv} "
-                  f"for this machine and commit {machine['git_commit']} (--resume); skipped")
+                  f"for this machine, commit {machine['git_commit']} and settings {settings} "
+                  "(--resume); skipped")
     measured, speedups, notes = [], {}, []
 
     def emit(rows):
@@ -374,14 +391,15 @@ def run(args) -> int:
     with tqdm(total=total, desc="bench", unit="iter", leave=False) as bar:
         for g, groups in plans:
             bar.set_postfix_str(g.name)
-            sp, n = bench_network(g, groups, args, todo[g.name], bar, machine, emit)
+            sp, n = bench_network(g, groups, args, todo[g.name], bar,
+                                  {**machine, "settings": settings}, emit)
             speedups.update(sp)
             notes += n
     rows = measured
     if log:  # the tables of everything this run covers, as the CSV holds it
         keys = {(g.name, args.batch, args.image, t) for g, _ in plans for t in args.threads}
         rows = latest([r for r in log.read() if same_machine(r, machine) and _run_key(r) in keys
-                       and r["schedule"] in names],
+                       and r["schedule"] in names and r["settings"] == settings],
                       key=lambda r: _run_key(r) + (r["schedule"], r["stage"]))
     if notes:
         print("\n".join(notes))

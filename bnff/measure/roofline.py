@@ -11,7 +11,8 @@ them, `bnff micro` measures them around its stages).
       count by OPENBLAS/OMP/MKL/BLIS_NUM_THREADS: 2 n^3 FLOP (the child in a session of its
       own: a Ctrl-C at the terminal reaches only the command, which ends it).
 
-measure(threads, array_mib, gemm_n, reps) -> dict of the figures above for one thread count.
+measure(threads, array_mib, gemm_n, reps) -> dict of the figures above for one thread count,
+with the sizes and repetitions they were measured with (each figure is a best of reps).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from bnff.measure.measurement import best_of
 CHAINS = 12  # independent FMA chains per thread: > latency x pipes on current x86 cores
 WIDTH = 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
 FIGURES = ["copy_gbps", "scale_gbps", "add_gbps", "triad_gbps", "fma_gflops", "sgemm_gflops"]
-COLUMNS = ["threads"] + FIGURES + ["array_mib", "gemm_n"]  # of a measure() row
+COLUMNS = ["threads"] + FIGURES + ["array_mib", "gemm_n", "reps"]  # of a measure() row
 
 
 @njit(parallel=True, fastmath=True)
@@ -170,4 +171,5 @@ def measure(threads: int, array_mib: float, gemm_n: int, reps: int) -> dict:
     finally:
         numba.set_num_threads(before)
     row["sgemm_gflops"] = sgemm(threads, gemm_n, reps)
-    return {"threads": threads, **row, "array_mib": round(array_mib, 3), "gemm_n": gemm_n}
+    return {"threads": threads, **row, "array_mib": round(array_mib, 3), "gemm_n": gemm_n,
+            "reps": reps}
