@@ -9,17 +9,18 @@ before the signal is kept).
 Signals: main() installs its SIGINT and SIGTERM handlers before it imports the commands
 (numpy, Numba, LLVM: a second or more on a busy machine), so only the interpreter's start and
 this module's imports (the standard library, two small modules) are left to the default
-action. A handler raises in the main thread at the next bytecode, which may be a Python callback run from C, where the
-exception cannot propagate: llvmlite's object-cache hook, a ctypes callback Numba's compiler
-calls for every module it compiles, or a __del__. Python reports such an exception to
-sys.unraisablehook and goes on (before, a SIGTERM during a compilation was lost this way and
-the run went on to exit 0). The hook main() installs starts a thread that sends the signal
-again, every RESEND seconds, until main() has caught the exception; a signal that arrives
-after that is not raised again, and what the unwinding frees is not reported (a compilation
-interrupted half-way leaves llvmlite objects whose __del__ fails). Called as the program
-(argv None), main() leaves SIGINT and SIGTERM ignored when it returns: the interpreter's
-teardown (Numba's, about a second) would otherwise die of one with the default action
-(exit status -15 or -2 after the command had finished)."""
+action. A handler raises in the main thread at the next bytecode, which may be a Python
+callback run from C, where the exception cannot propagate: llvmlite's object-cache hook, a
+ctypes callback Numba's compiler calls for every module it compiles, or a __del__. Python
+reports such an exception to sys.unraisablehook and goes on (before, a SIGTERM during a
+compilation was lost this way and the run went on to exit 0). The hook main() installs starts
+a thread that sends the signal again, every RESEND seconds, until main() has caught the
+exception; a signal that arrives after that is not raised again, and what the unwinding frees
+is not reported (a compilation interrupted half-way leaves llvmlite objects whose __del__
+fails). Called as the program (argv None), main() leaves SIGINT and SIGTERM ignored when it
+returns: a signal during the interpreter's teardown (Numba's and LLVM's included) would
+otherwise kill it with the default action, exit status -15 or -2 after the command had
+finished and written its rows."""
 from __future__ import annotations
 
 import gc
