@@ -27,7 +27,7 @@ refused (CsvLog), since nothing in it can say with which settings its rows were 
 
 --plot DIR draws the plots of bnff/measure/plots.py; for its roofline chart the run measures
 this machine's roofs at its largest thread count after the sweep (STREAM triad, FMA peak,
-numpy sgemm: bnff/measure/roofline.py, a few seconds), prints them and appends them to
+numpy sgemm: bnff/measure/roofline.py, ROOF_REPS and ROOF_GEMM_N), prints them and appends them to
 DIR/roofline.csv in the format of `bnff roofline --csv`; the iteration rows are unchanged."""
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ COLUMNS = ["network", "schedule", "batch", "image", "threads", "stage", "kind", 
 
 # The roofs --plot draws, measured after the sweep at its largest thread count: STREAM over
 # arrays of 8x the LLC, as `bnff roofline` and `bnff micro` measure them, but 3 repetitions
-# and sgemm at n = 1024 (a few seconds in all).
+# and sgemm at n = 1024: 2.2 s at 2 threads on the 2-vCPU EPYC (znver5), plus about 7 s to
+# compile the STREAM and FMA kernels in a fresh process.
 ROOF_REPS, ROOF_GEMM_N = 3, 1024
 
 # PyTorch against `baseline`: two independent float32 computations (other algorithms and
