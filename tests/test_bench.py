@@ -53,6 +53,28 @@ def test_bench_csv_and_report(tmp_path, capsys):
     assert (tmp_path / "REPORT.md").read_text() == report
 
 
+def test_bench_plot_draws_the_roofs_measured_in_the_run(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from bnff.measure import plots
+    drawn, save = {}, plots._save
+    def keep(fig, plt, outdir, name):  # the labels of each chart's lines, before it is closed
+        drawn[name] = [line.get_label() for ax in fig.axes for line in ax.get_lines()]
+        return save(fig, plt, outdir, name)
+    monkeypatch.setattr(plots, "_save", keep)
+    folder = tmp_path / "plots"
+    assert main(["bench", EXAMPLE, "--batch", "2", "--image", "16", "--threads", "1",
+                 "--schedules", "baseline,bnff", "--repeat", "1", "--plot", str(folder)]) == 0
+    assert "roofline, 1 threads: triad" in capsys.readouterr().out
+    with open(folder / "roofline.csv", newline="") as f:
+        roof = next(csv.DictReader(f))
+    assert roof["threads"] == "1" and float(roof["triad_gbps"]) > 0
+    labels = drawn["vgg_residual-roofline.png"]
+    assert f"memory roof: triad {float(roof['triad_gbps']):.1f} GB/s" in labels
+    assert f"compute roof: FMA peak {float(roof['fma_gflops']):.0f} GFLOP/s" in labels
+    assert f"numpy sgemm {float(roof['sgemm_gflops']):.0f} GFLOP/s" in labels
+    assert (folder / "vgg_residual-roofline.png").stat().st_size > 0
+
+
 def test_memory_groups_refuse_only_a_schedule_that_does_not_fit_alone():
     ex = [Executor(networks.load("densenet121"), SCHEDULES["baseline"], 16, 224)]
     with pytest.raises(UserError, match="schedule baseline alone needs .* GiB are available"):

@@ -6,7 +6,8 @@ import csv
 import numpy as np
 import pytest
 
-from bnff.cli import micro, roofline
+from bnff.cli import micro
+from bnff.measure import roofline
 from bnff.cli.main import main as bnff  # the CLI itself: its parsing and its error handling
 from bnff.measure.machine import machine_info
 from bnff.measure.measurement import ValidationError, validate

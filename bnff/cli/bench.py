@@ -15,23 +15,38 @@ Schedules whose plans do not fit in memory together run in the largest groups th
 (memory_groups), each group interleaved and checked against one baseline iteration; speedups
 between groups are ratios of medians, not paired. The rows of each (network, threads) are
 appended to --csv as soon as they are measured, --resume skips the points the file holds for
-this machine and commit, and the final tables are read back from the file, so an interrupted
-and resumed run ends with the tables of an uninterrupted one."""
+this machine, commit and settings, and the final tables are read back from the file, so an
+interrupted and resumed run ends with the tables of an uninterrupted one.
+
+Every row records the settings that change its numbers and are not columns of their own
+(`settings`: --seed, which draws the parameters and batch, and --repeat, --ci-target and
+--budget, which decide the rounds), as the options that give them. A point held with other
+settings is measured again, not taken as done, and the final tables keep only the rows of
+this run's settings; a file written before this column existed has another header and is
+refused (CsvLog), since nothing in it can say with which settings its rows were measured.
+
+--plot DIR draws the plots of bnff/measure/plots.py; for its roofline chart the run measures
+this machine's roofs at its largest thread count after the sweep (STREAM triad, FMA peak,
+numpy sgemm: bnff/measure/roofline.py, ROOF_REPS and ROOF_GEMM_N), prints them and appends them to
+DIR/roofline.csv in the format of `bnff roofline --csv`; the iteration rows are unchanged."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numba
 import numpy as np
 from tqdm import tqdm
 
-from bnff.cli.args import (RunFailed, UserError, available_bytes, nonneg_float, nonneg_int,
-                           positive_float, positive_int, thread_list, writable_folder)
+from bnff.cli.args import (RunFailed, UserError, available_bytes, check_memory, nonneg_float,
+                           nonneg_int, positive_float, positive_int, thread_list,
+                           writable_folder)
 from bnff.lowering.executor import Executor
 from bnff.lowering.schedules import (FLOAT32, GRAD_TOLERANCE, PYTORCH, SCHEDULES, TORCH_MISSING,
                                      torch_available)
 from bnff.measure.machine import CsvLog, latest, machine_info, same_machine
+from bnff.measure import roofline
 from bnff.measure.measurement import (max_rel_grad_diff, median_min_max, paired_speedup,
                                       summary_tables)
 from bnff.suites import networks
@@ -39,7 +54,13 @@ from bnff.suites.problem import make_batch, make_params
 
 COLUMNS = ["network", "schedule", "batch", "image", "threads", "stage", "kind", "phase",
            "median_s", "min_s", "max_s", "repeats", "bytes", "flops", "peak_mem_bytes",
-           "compile_s"]
+           "compile_s", "settings"]
+
+# The roofs --plot draws, measured after the sweep at its largest thread count: STREAM over
+# arrays of 8x the LLC, as `bnff roofline` and `bnff micro` measure them, but 3 repetitions
+# and sgemm at n = 1024: 2.2 s at 2 threads on the 2-vCPU EPYC (znver5), plus about 7 s to
+# compile the STREAM and FMA kernels in a fresh process.
+ROOF_REPS, ROOF_GEMM_N = 3, 1024
 
 # PyTorch against `baseline`: two independent float32 computations (other algorithms and
 # summation orders), so the rounding that deep networks amplify counts twice: ResNet-50 at
@@ -79,11 +100,13 @@ def add_parser(sub) -> None:
                         "they are measured; the final tables are read back from it")
     p.add_argument("--resume", action="store_true",
                    help="skip the (network, threads) points the --csv file already holds for "
-                        "this machine and commit (after an interrupted run)")
+                        "this machine, commit and settings (after an interrupted run)")
     p.add_argument("--memory-gib", type=positive_float, default=None,
                    help="memory the run may use (default: what is available now); schedules "
                         "that do not fit together run in groups")
-    p.add_argument("--plot", metavar="DIR", help="write PNG plots here (needs matplotlib)")
+    p.add_argument("--plot", metavar="DIR",
+                   help="write PNG plots here (needs matplotlib), the roofline chart under the "
+                        "roofs measured after the sweep (appended to DIR/roofline.csv)")
     p.set_defaults(func=run)
 
 
@@ -243,7 +266,8 @@ def bench_network(graph, groups, args, todo, bar, machine, emit) -> tuple:
     """Times `graph`'s schedule groups at each thread count in `todo`, validating each group
     against one baseline iteration first; emit(rows) gets the rows of each (network, threads)
     as soon as all its groups have run. A single group stays allocated across thread counts.
-    Returns (speedups, one note per thread count and group saying why its rounds stopped)."""
+    Returns (speedups, one note per thread count and group saying why its rounds stopped).
+    `machine` holds the columns every row carries: the machine's and `settings`."""
     problem = (make_params(graph, args.seed), *make_batch(graph, args.batch, args.image,
                                                           args.seed))
     reference = baseline_result(graph, args, problem) if todo else None
@@ -303,6 +327,13 @@ def _rows(ex, threads, step_times, iter_times, warm, machine) -> list:
     return rows
 
 
+def settings_of(args) -> str:
+    """The options of a run that change its numbers, other than the columns (the rows'
+    `settings`)."""
+    return (f"--seed {args.seed} --repeat {args.repeat} --ci-target {args.ci_target:g} "
+            f"--budget {args.budget:g}")
+
+
 def _run_key(r) -> tuple:
     return (r["network"], r["batch"], r["image"], r["threads"])
 
@@ -319,15 +350,21 @@ def run(args) -> int:
                                 for s in args.schedules], available)
         plans.append((g, groups))
     machine = machine_info()
+    settings = settings_of(args)
     columns = COLUMNS + [k for k in machine if k not in COLUMNS]
     log = CsvLog(args.csv, columns) if args.csv else None
+    roof_log = None
     if args.plot:
         writable_folder(args.plot, "plots")
+        roof_log = CsvLog(os.path.join(args.plot, "roofline.csv"),
+                          roofline.COLUMNS + list(machine))
+        mib = roofline.default_array_mib()
+        check_memory(3 * int(mib * 2**20) + 3 * 4 * ROOF_GEMM_N ** 2, "the roofline of --plot")
     if args.resume and log is None:
         raise UserError("--resume needs --csv: it skips what that file already holds")
     held = {}
     for r in (log.read() if log else []):
-        if r["stage"] == "iteration" and same_machine(r, machine):
+        if r["stage"] == "iteration" and same_machine(r, machine) and r["settings"] == settings:
             held.setdefault(_run_key(r), set()).add(r["schedule"])
     todo = {g.name: [t for t in args.threads if not (args.resume and set(names) <=
                                                      held.get((g.name, args.batch, args.image,
@@ -342,7 +379,8 @@ def run(args) -> int:
         skipped = [t for t in args.threads if t not in todo[g.name]]
         if skipped:
             print(f"{g.name}: threads {','.join(map(str, skipped))} already in {args.csv} "
-                  f"for this machine and commit {machine['git_commit']} (--resume); skipped")
+                  f"for this machine, commit {machine['git_commit']} and settings {settings} "
+                  "(--resume); skipped")
     measured, speedups, notes = [], {}, []
 
     def emit(rows):
@@ -354,14 +392,15 @@ def run(args) -> int:
     with tqdm(total=total, desc="bench", unit="iter", leave=False) as bar:
         for g, groups in plans:
             bar.set_postfix_str(g.name)
-            sp, n = bench_network(g, groups, args, todo[g.name], bar, machine, emit)
+            sp, n = bench_network(g, groups, args, todo[g.name], bar,
+                                  {**machine, "settings": settings}, emit)
             speedups.update(sp)
             notes += n
     rows = measured
     if log:  # the tables of everything this run covers, as the CSV holds it
         keys = {(g.name, args.batch, args.image, t) for g, _ in plans for t in args.threads}
         rows = latest([r for r in log.read() if same_machine(r, machine) and _run_key(r) in keys
-                       and r["schedule"] in names],
+                       and r["schedule"] in names and r["settings"] == settings],
                       key=lambda r: _run_key(r) + (r["schedule"], r["stage"]))
     if notes:
         print("\n".join(notes))
@@ -372,6 +411,12 @@ def run(args) -> int:
         print(f"\nwrote {len(measured)} rows to {args.csv}")
     if args.plot:
         from bnff.measure.plots import plot_bench
-        for path in plot_bench(rows, args.plot, speedups=speedups):
+        top = max(args.threads)
+        roof = roofline.measure(top, mib, ROOF_GEMM_N, ROOF_REPS)
+        roof_log.append([{**roof, **machine}])
+        print(f"\nroofline, {top} threads: triad {roof['triad_gbps']:.1f} GB/s, FMA peak "
+              f"{roof['fma_gflops']:.1f} GFLOP/s, numpy sgemm {roof['sgemm_gflops']:.1f} GFLOP/s "
+              f"(appended to {roof_log.path})")
+        for path in plot_bench(rows, args.plot, roofline={top: roof}, speedups=speedups):
             print(f"wrote {path}")
     return 0

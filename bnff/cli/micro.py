@@ -13,9 +13,12 @@ outputs and checked against the float64 reference (bnff/measure/measurement.py;
 ValidationError if one misses the stage's tolerance or an output holds a NaN or Inf), then per
 thread count each variant is warmed up and the variants are timed interleaved, round after
 round, so drift hits them alike. The rows of each (stage, shape) are appended to --csv as soon
-as it is measured (--resume skips those the file holds for this machine and commit), so the
-roofline (bnff/measure/roofline.py) they carry is the one measured at the start of the run, at
-each thread count.
+as it is measured (--resume skips those the file holds for this machine, commit and settings),
+so the roofline (bnff/measure/roofline.py) they carry is the one measured at the start of the
+run, at each thread count. Each row records, as the options that give them, the settings that
+change its numbers and are not columns of their own (`settings`: --seed, --reps, --min-time,
+--array-mib, --gemm-n); rows held with other settings are measured again and left out of the
+tables (a file written before this column existed is refused: its header differs).
 pct_roofline is GB/s over triad for a memory-bound row and GFLOP/s over the FMA peak for a
 compute-bound one (bound: flops/bytes against the ridge fma/triad).
 
@@ -62,7 +65,7 @@ from bnff.suites import networks
 COLUMNS = ["network", "batch", "image", "stage", "variant", "is_default", "descriptor", "count",
            "threads", "median_s", "min_s", "reps", "bytes", "flops", "gbps", "gflops", "bound",
            "pct_roofline", "triad_gbps", "fma_gflops", "sgemm_gflops", "pct_sgemm",
-           "footprint_bytes", "max_rel_error", "reproducer"]
+           "footprint_bytes", "max_rel_error", "reproducer", "settings"]
 CONV_DIRECTIONS = ["conv_fwd", "conv_bwd_data", "conv_bwd_weights"]
 
 
@@ -311,8 +314,8 @@ def add_parser(sub) -> None:
                    help="roofline sgemm size (default 2048)")
     p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the inputs (default 0)")
     p.add_argument("--resume", action="store_true",
-                   help="skip the (stage, shape)s the --csv file already holds for this machine "
-                        "and commit (after an interrupted run)")
+                   help="skip the (stage, shape)s the --csv file already holds for this "
+                        "machine, commit and settings (after an interrupted run)")
     p.set_defaults(func=run)
 
 
@@ -350,9 +353,16 @@ def torch_parity(rows: list) -> list:
     return [(th, g, d, t) for (th, g), (d, t) in sorted(tot.items())]
 
 
+def settings_of(args) -> str:
+    """The options that change a row's numbers and are not columns (the rows' `settings`)."""
+    mib = args.array_mib if args.array_mib is not None else roofline.default_array_mib()
+    return (f"--seed {args.seed} --reps {args.reps} --min-time {args.min_time:g} "
+            f"--array-mib {mib:g} --gemm-n {args.gemm_n}")
+
+
 def _row_key(r) -> tuple:
     return (r["network"], r["batch"], r["image"], r["stage"], r["descriptor"], r["variant"],
-            r["threads"])
+            r["threads"], r["settings"])
 
 
 def micro(args, progress=True, emit=None, held=()) -> list:
@@ -371,9 +381,9 @@ def micro(args, progress=True, emit=None, held=()) -> list:
     work = select(items, args.stage, args.variant, args.descriptor)
     check_memory(max(memory_need(st, vs) for st, _, vs in work) + 3 * int(mib * 2**20),
                  f"{args.network or args.stage} at batch {args.batch}, image {args.image}")
-    machine = machine_info()
+    machine = {**machine_info(), "settings": settings_of(args)}
     keys = lambda st, vs: {(args.network or "", args.batch, args.image, st.name, st.descriptor(),
-                            v, t) for v in vs for t in threads}
+                            v, t, machine["settings"]) for v in vs for t in threads}
     work = [w for w in work if not keys(w[0], w[2]) <= set(held)]
     roofs, out = {}, []
     with tqdm(total=len(threads) + len(work), desc="micro", unit="step", leave=False,
@@ -419,7 +429,8 @@ def run(args) -> int:
     log = CsvLog(args.csv, columns) if args.csv else None
     if args.resume and log is None:
         raise UserError("--resume needs --csv: it skips what that file already holds")
-    held = {_row_key(r) for r in log.read() if same_machine(r, machine)} if args.resume else ()
+    held = {_row_key(r) for r in log.read() if same_machine(r, machine)
+            and r["settings"] == settings_of(args)} if args.resume else ()
     try:
         rows = micro(args, emit=log.append if log else None, held=held)
     except ValidationError as e:

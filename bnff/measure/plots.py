@@ -1,6 +1,6 @@
 """PNG plots of bench rows (needs the optional matplotlib: pip install 'bnff-bench[plot]'):
 speedup per thread count per network, time breakdown by kind per schedule, and a roofline
-chart of the stages."""
+chart of the stages (under the roofs measured in the run, when given)."""
 from __future__ import annotations
 
 import os
@@ -28,7 +28,8 @@ def _iterations(rows):
 
 def plot_bench(rows, outdir, roofline=None, speedups=None) -> list:
     """Writes the three plots per network into outdir; returns their paths. `roofline` is
-    an optional {threads: (GB/s, GFLOP/s)} of measured limits drawn on the roofline chart;
+    an optional {threads: bnff.measure.roofline.measure() row} of this machine's measured
+    limits; the roofline chart of the top thread count draws its roofs (draw_roofs);
     `speedups` ({(network, threads, schedule, ref): Speedup}, bench's paired rounds) puts the
     speedup points at their paired estimate with their 95 % intervals as error bars, as the
     tables print them; without, a point is a ratio of medians."""
@@ -76,15 +77,28 @@ def plot_bench(rows, outdir, roofline=None, speedups=None) -> list:
                    and float(r["median_s"]) > 0]
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=6, label=s)
         if roofline and top in roofline:
-            gbs, gflops = roofline[top]
-            xs = [2.0 ** e for e in range(-6, 12)]
-            ax.plot(xs, [min(gflops, gbs * x) for x in xs], color="black", lw=1,
-                    label="measured roofline")
+            draw_roofs(ax, roofline[top])
         ax.set(xscale="log", yscale="log", xlabel="FLOP per byte",
                ylabel="GFLOP/s", title=f"{net}: stages against the roofline, {top} threads")
         ax.legend()
         paths.append(_save(fig, plt, outdir, f"{net}-roofline.png"))
     return paths
+
+
+def draw_roofs(ax, roof) -> list:
+    """The measured roofs on a log-log FLOP/byte - GFLOP/s chart, as labelled lines (returned):
+    memory, STREAM triad GB/s times the intensity up to the ridge with the FMA peak; compute,
+    the FMA peak from there; and numpy sgemm's GFLOP/s (dashed) from its own ridge, what a
+    tuned GEMM attains."""
+    bw, peak, gemm = roof["triad_gbps"], roof["fma_gflops"], roof["sgemm_gflops"]
+    lo, hi = 2.0 ** -6, 2.0 ** 12
+    ridge, gemm_ridge = peak / bw, gemm / bw
+    return [ax.plot([lo, ridge], [bw * lo, peak], color="black", lw=1,
+                    label=f"memory roof: triad {bw:.1f} GB/s")[0],
+            ax.plot([ridge, max(hi, 2 * ridge)], [peak, peak], color="black", lw=2,
+                    label=f"compute roof: FMA peak {peak:.0f} GFLOP/s")[0],
+            ax.plot([gemm_ridge, max(hi, 2 * gemm_ridge)], [gemm, gemm], color="gray", lw=1,
+                    ls="--", label=f"numpy sgemm {gemm:.0f} GFLOP/s")[0]]
 
 
 def _speedup_point(r, base, ref, speedups) -> tuple:

@@ -8,9 +8,11 @@ them, `bnff micro` measures them around its stages).
     FMA peak: each thread runs CHAINS independent vector FMA chains (<W x float>, W = 16 with
       AVX-512 else 8) in registers: 2 * CHAINS * W FLOP per iteration.
     sgemm: numpy float32 matmul n x n in a child process whose BLAS is limited to the thread
-      count by OPENBLAS/OMP/MKL/BLIS_NUM_THREADS: 2 n^3 FLOP.
+      count by OPENBLAS/OMP/MKL/BLIS_NUM_THREADS: 2 n^3 FLOP (the child in a session of its
+      own: a Ctrl-C at the terminal reaches only the command, which ends it).
 
-measure(threads, array_mib, gemm_n, reps) -> dict of the figures above for one thread count.
+measure(threads, array_mib, gemm_n, reps) -> dict of the figures above for one thread count,
+with the sizes and repetitions they were measured with (each figure is a best of reps).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from bnff.measure.measurement import best_of
 CHAINS = 12  # independent FMA chains per thread: > latency x pipes on current x86 cores
 WIDTH = 16 if llvm.get_host_cpu_features().get("avx512f", False) else 8
 FIGURES = ["copy_gbps", "scale_gbps", "add_gbps", "triad_gbps", "fma_gflops", "sgemm_gflops"]
+COLUMNS = ["threads"] + FIGURES + ["array_mib", "gemm_n", "reps"]  # of a measure() row
 
 
 @njit(parallel=True, fastmath=True)
@@ -148,7 +151,7 @@ def sgemm(threads: int, n: int, reps: int) -> float:
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
         env[var] = str(threads)
     p = subprocess.run([sys.executable, "-c", _GEMM, str(n), str(reps)], env=env,
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, start_new_session=True)
     if p.returncode != 0:
         raise RuntimeError(f"sgemm child process failed: {p.stderr.strip()[-500:]}")
     return float(p.stdout.strip())
@@ -168,4 +171,5 @@ def measure(threads: int, array_mib: float, gemm_n: int, reps: int) -> dict:
     finally:
         numba.set_num_threads(before)
     row["sgemm_gflops"] = sgemm(threads, gemm_n, reps)
-    return {"threads": threads, **row, "array_mib": round(array_mib, 3), "gemm_n": gemm_n}
+    return {"threads": threads, **row, "array_mib": round(array_mib, 3), "gemm_n": gemm_n,
+            "reps": reps}

@@ -2,6 +2,8 @@
 child process (worker.py) so that its allocator and OpenMP threads are its own, driven like an
 Executor: load, run (one iteration, at the parent's Numba thread count), loss, grads, release;
 `kinds` gives the time by kind from torch.profiler, measured after the timed iterations.
+The child runs in a session of its own, so a Ctrl-C at the terminal reaches only the parent
+(bnff/cli/main.py), which ends the child by closing its stdin (release) instead of racing it.
 
 Allocator: the child runs in its fastest configuration measured on this machine, glibc malloc
 with the large-block mmap/munmap churn switched off (`glibc-tuned`, allocator_env). Measured
@@ -118,7 +120,7 @@ class TorchExecutor:
         self.proc = subprocess.Popen([sys.executable, "-m", "bnff.torchref.worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
-                                     env=child_env(self.allocator))
+                                     env=child_env(self.allocator), start_new_session=True)
         threading.Thread(target=_forward_stderr, args=(self.proc.stderr,), daemon=True).start()
         self._ask({"graph": self.graph.to_dict(), "problem": problem})
 
