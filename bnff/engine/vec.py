@@ -219,22 +219,29 @@ def vwhere_pos(typingctx, v, m):
     return v(v, m), codegen
 
 
-@intrinsic
-def prefetch(typingctx, a, i):
-    """Hint: the cache line of a.flat[i] will be read and written soon."""
-    if _array(a, i) is None:
-        return None
+def _prefetch(rw, doc):
+    """A prefetch intrinsic of a.flat[i]'s cache line into L1 (rw: 1 = for writing, 0 = for
+    reading)."""
+    def pf(typingctx, a, i):
+        if _array(a, i) is None:
+            return None
 
-    def codegen(context, builder, sig, args):
-        i8p = ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3),
-            "llvm.prefetch.p0")
-        i32 = lambda v: ir.Constant(ir.IntType(32), v)
-        builder.call(fn, [builder.bitcast(_addr(context, builder, sig, args), i8p), i32(1),
-                          i32(3), i32(1)])
-        return context.get_dummy_value()
-    return types.void(a, i), codegen
+        def codegen(context, builder, sig, args):
+            i8p = ir.IntType(8).as_pointer()
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3),
+                "llvm.prefetch.p0")
+            i32 = lambda v: ir.Constant(ir.IntType(32), v)
+            builder.call(fn, [builder.bitcast(_addr(context, builder, sig, args), i8p), i32(rw),
+                              i32(3), i32(1)])
+            return context.get_dummy_value()
+        return types.void(a, i), codegen
+    pf.__doc__ = doc
+    return intrinsic(pf)
+
+
+prefetch = _prefetch(1, "Hint: the cache line of a.flat[i] will be read and written soon.")
+prefetch_read = _prefetch(0, "Hint: the cache line of a.flat[i] will be read soon.")
 
 
 def _stable_identities():
