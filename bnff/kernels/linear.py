@@ -19,7 +19,8 @@ threads, `vec` 1.25 / 0.74 ms, PyTorch's mm, mm, sum 2.50 / 1.79 ms.
 
 Kernels (float32 arrays, outputs last and written):
     linear_forward(x, w, b, y)
-    linear_backward(dy, x, w, dx, dw, db)
+    linear_backward(dy, x, w, dx, dw, db)        axpy
+    linear_backward_vec(dy, x, w, dx, dw, db)    vec (C-contiguous arrays)
 """
 from __future__ import annotations
 
