@@ -13,10 +13,11 @@ The unfused BN sites, per schedule (x the conv output, y the BN output, z the Re
     caffe      BatchNorm layer: statistics in two passes over x, then xh = (x - mean) * inv
                written; a separate Scale layer y = gamma * xh + beta; ReLU in place.
                Backward: ReLU in place; Scale backward (dgamma, dbeta and dxh = gamma * dy in
-               one pass); BatchNorm backward from dxh and x (gamma = 1). Concat by copy.
+               one pass); BatchNorm backward from dxh and x (gamma = 1). Concat by one copy
+               call per concatenation (concat_fwd).
     baseline   one BN layer: statistics in one stable pass, then y = a * x + b with
                a = gamma * inv, b = beta - mean * a; ReLU in place. Backward: ReLU in place;
-               BN backward as a reduction pass and a dx pass. Concat by copy.
+               BN backward as a reduction pass and a dx pass. Concat as caffe.
 
 A conv's bias, in every schedule, is added in its forward epilogue; its gradient is one
 reduction pass over the conv's output gradient (or, under bnff, made from the sums of the BN
@@ -100,11 +101,8 @@ class Lowering:
         elif n.op == "flatten":
             self.step(n, "fwd", "other", "forward", ops.flatten_fwd_call(R(x), W(n.name), xs))
         elif n.op == "concat":
-            off = 0
-            for i in n.inputs:
-                self.step(n, f"copy {i}", "concat", "forward",
-                          ops.concat_copy_call(R(i), W(n.name), self.shapes[i], shape, off))
-                off += self.shapes[i][3]
+            self.step(n, "fwd", "concat", "forward", ops.concat_fwd_call(
+                [R(i) for i in n.inputs], W(n.name), [self.shapes[i] for i in n.inputs], shape))
         elif n.op == "add":
             self.step(n, "fwd", "other", "forward",
                       ops.add_call(R(x), R(n.inputs[1]), W(n.name), shape))
