@@ -215,11 +215,14 @@ def concat_copy_call(x, y, xs, ys, off):
 
 
 def concat_split_call(dy, dx, ys, xs, off, accumulate):
-    """dx = dy[..., off:off+C_k], or dx += it when accumulating."""
+    """dx = dy[..., off:off+C_k], or dx += it when accumulating (dx may be a channel slice)."""
     ck, m = xs[3], int(np.prod(xs[:3]))
     stage = concat.ConcatAddOut if accumulate else concat.ConcatCopyOut
     split, cost, sc = stage_kernel(stage, dict(dims(xs), oc=ys[3], off=off))
-    fn = lambda g, d: split(g.reshape(m, ys[3]), off, d.reshape(m, ck))
+    if accumulate:
+        fn = lambda g, d: split(view(g, (m, ys[3])), off, view(d, (m, ck)), view(d, (m, ck)))
+    else:
+        fn = lambda g, d: split(view(g, (m, ys[3])), off, view(d, (m, ck)))
     return fn, (dy, dx), cost, sc
 
 
