@@ -152,11 +152,10 @@ def _dw_rows(dy, x, dw, db, o, n, nout, f):
         db[o + r] = s
 
 
+# The ragged edges (f % CW columns of dx, nout % 4 rows of dw and db) run in scalar loops.
 @njit(parallel=True, fastmath=True, cache=True)
 def linear_backward_vec(dy, x, w, dx, dw, db):
-    """dx by CW-column chunks (w read once, by rows of 4 vectors), dw and db by groups of 4
-    output rows (x stays in L2); the ragged edges (f % CW columns of dx, nout % 4 rows of dw)
-    in scalar loops. C-contiguous arrays."""
+    """dx by CW-column chunks (w read once), dw and db by groups of 4 rows; C-contiguous."""
     n, f = x.shape
     nout = w.shape[0]
     nchunk = f // CW
