@@ -37,12 +37,13 @@ import numpy as np
 from numba import njit, prange
 from numba.typed import List
 
-from bnff.engine.vec import W, vload, vstore
+from bnff.engine.vec import W, row_span, vadd, vload, vstore
 from bnff.kernels import reference as ref
 from bnff.kernels.bn.bn_stats import BLOCKS, block_rows
 from bnff.kernels.stage import F32, Cost, DescriptorError, Stage
 
 TILE = 8192  # floats per assembled row tile (32 KiB, L1)
+CHUNK = 65536  # floats of Y per row block of the rows variant and add_out (256 KiB: in L2)
 
 
 @njit(parallel=True, cache=True)
@@ -63,13 +64,29 @@ def copy_out(Y, off, X):
             X[r, j] = Y[r, off + j]
 
 
+# Each operand may be a channel slice (rows strided): indexed through its row span, so the
+# row loop is W-lane vectors. Indexed as 2-D strided arrays, LLVM left it scalar: over
+# DenseNet-121's accumulations (batch 16, 224x224, 2-vCPU AMD EPYC znver5) 207 / 119 ms at
+# 1 / 2 threads against PyTorch's add of the view, 56 / 38 ms.
 @njit(parallel=True, fastmath=True, cache=True)
 def add_out(Y, off, A, X):
-    """X = A + Y[:, off:off+C_k], parallel over rows (A is X in a plan: an accumulation)."""
+    """X = A + Y[:, off:off+C_k] by vectors over row blocks (A is X in a plan: accumulation)."""
+    if X.strides[1] != 4 or A.strides[1] != 4 or Y.strides[1] != 4:
+        raise ValueError("add_out: columns must be contiguous")
     m, ck = X.shape
-    for r in prange(m):
-        for j in range(ck):
-            X[r, j] = A[r, j] + Y[r, off + j]
+    y, ys = row_span(Y)
+    a, sa = row_span(A)
+    x, sx = row_span(X)
+    nv = ck // W * W
+    nblk = max(BLOCKS, (m * ck + CHUNK - 1) // CHUNK)
+    for blk in prange(nblk):
+        r0, r1 = block_rows(blk, nblk, m)
+        for r in range(r0, r1):
+            yi, ai, xi = r * ys + off, r * sa, r * sx
+            for j in range(0, nv, W):
+                vstore(x, xi + j, vadd(vload(a, ai + j), vload(y, yi + j)))
+            for j in range(nv, ck):
+                x[xi + j] = a[ai + j] + y[yi + j]
 
 
 # 1. numpy: a framework-style strided slice assignment per input, one thread.
@@ -111,9 +128,6 @@ def _concat_tiles(xs, Y):
 def concat_tiles(xs, Y):
     """Per tile of rows of Y, each input's contiguous rows copied into it (typed list of inputs)."""
     _concat_tiles(List(xs), Y)
-
-
-CHUNK = 65536  # floats of Y per row block of the rows variants (256 KiB: stays in L2)
 
 
 @njit(inline="always")
