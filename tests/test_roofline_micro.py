@@ -84,10 +84,11 @@ def test_stages_of_densenet_concats_are_what_the_schedules_run():
     plans = micro.plans_of(g, 2, 32)
     items = micro.stages_of(g, 2, 32, plans)
     names = {st.name for st, _ in items}
-    assert "concat_fwd" not in names and "concat_copy_into" in names  # copy_into, as run
-    copies = [s for s in plans["baseline"].steps if s.kind == "concat" and s.phase == "forward"]
-    assert sum(c for st, c in items if st.name == "concat_copy_into") == len(copies)
-    assert all(s.stage.variant == "prange" for s in copies)
+    assert "concat_fwd" in names  # one call per concatenation, as run
+    cats = [s for s in plans["baseline"].steps if s.kind == "concat" and s.phase == "forward"]
+    assert len(cats) == sum(n.op == "concat" for n in g.nodes)
+    assert sum(c for st, c in items if st.name == "concat_fwd") == len(cats)
+    assert all(s.stage.stage == "concat_fwd" and s.stage.variant == "rows" for s in cats)
 
 
 def test_standalone_descriptor_reproduces_a_row(tmp_path, capsys):

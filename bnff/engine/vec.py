@@ -244,6 +244,28 @@ prefetch = _prefetch(1, "Hint: the cache line of a.flat[i] will be read and writ
 prefetch_read = _prefetch(0, "Hint: the cache line of a.flat[i] will be read soon.")
 
 
+@intrinsic
+def _f32ptr(typingctx, addr):
+    """An integer address as a float32 pointer."""
+    if not isinstance(addr, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.PointerType(ir.FloatType()))
+    return types.CPointer(types.float32)(addr), codegen
+
+
+@numba.njit(inline="always")
+def row_span(a):
+    """(the float32 memory from a[0, 0] to a[-1, -1] as a C-contiguous 1-D array, the row
+    stride in elements) of a 2-D float32 array with unit column stride, such as a channel
+    slice of a wider buffer: row r, column j is at r * stride + j. The span borrows a's
+    memory (the caller keeps a alive) and includes what lies between a's rows."""
+    rs = a.strides[0] // 4
+    n = (a.shape[0] - 1) * rs + a.shape[1] if a.shape[0] > 0 else 0
+    return numba.carray(_f32ptr(a.ctypes.data), n), rs
+
+
 def _stable_identities():
     """Deterministic uuids for the intrinsics: conv hooks that use them are closure variables
     of the conv engines, and Numba keys a closure's on-disk cache entry by pickling them (an

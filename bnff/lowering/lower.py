@@ -6,17 +6,21 @@ Tensor names: a node's output is its name, its gradient `d:<name>`; parameters k
 graph names (in the kernels' layouts), their gradients are `grad:<name>`; per-BN vectors are
 `<node>.mean` and `<node>.var`. A gradient that several consumers feed is written by the
 first contribution in backward order and accumulated by the others (in place where the
-kernel can, else through a temporary and an add).
+kernel can, else through a temporary and an add). A concatenation's gradient is split as
+PyTorch's CatBackward does it: an input whose gradient it starts gets it as a channel-slice
+view of the concatenation's (no step, no bytes; grad_as_slice says when), and the others'
+contributions are accumulated into that slice (concat_add_out, reading both, writing one).
 
 The unfused BN sites, per schedule (x the conv output, y the BN output, z the ReLU output):
 
     caffe      BatchNorm layer: statistics in two passes over x, then xh = (x - mean) * inv
                written; a separate Scale layer y = gamma * xh + beta; ReLU in place.
                Backward: ReLU in place; Scale backward (dgamma, dbeta and dxh = gamma * dy in
-               one pass); BatchNorm backward from dxh and x (gamma = 1). Concat by copy.
+               one pass); BatchNorm backward from dxh and x (gamma = 1). Concat by one copy
+               call per concatenation (concat_fwd); its backward by views (above).
     baseline   one BN layer: statistics in one stable pass, then y = a * x + b with
                a = gamma * inv, b = beta - mean * a; ReLU in place. Backward: ReLU in place;
-               BN backward as a reduction pass and a dx pass. Concat by copy.
+               BN backward as a reduction pass and a dx pass. Concat as caffe.
 
 A conv's bias, in every schedule, is added in its forward epilogue; its gradient is one
 reduction pass over the conv's output gradient (or, under bnff, made from the sums of the BN
@@ -100,11 +104,8 @@ class Lowering:
         elif n.op == "flatten":
             self.step(n, "fwd", "other", "forward", ops.flatten_fwd_call(R(x), W(n.name), xs))
         elif n.op == "concat":
-            off = 0
-            for i in n.inputs:
-                self.step(n, f"copy {i}", "concat", "forward",
-                          ops.concat_copy_call(R(i), W(n.name), self.shapes[i], shape, off))
-                off += self.shapes[i][3]
+            self.step(n, "fwd", "concat", "forward", ops.concat_fwd_call(
+                [R(i) for i in n.inputs], W(n.name), [self.shapes[i] for i in n.inputs], shape))
         elif n.op == "add":
             self.step(n, "fwd", "other", "forward",
                       ops.add_call(R(x), R(n.inputs[1]), W(n.name), shape))
@@ -154,10 +155,21 @@ class Lowering:
         elif native:
             self.step(n, what, kind, "backward", make(RW(d), True))
         else:
-            tmp = self.plan.tensor(f"{d}@{n.name}", self.shapes[target])
+            shape = self.shapes[target]
+            tmp = self.plan.tensor(f"{d}@{n.name}", shape)
             self.step(n, what, kind, "backward", make(W(tmp), False))
             self.step(n, f"accumulate d:{target}", "other", "backward",
-                      ops.add_call(R(d), R(tmp), RW(d), self.shapes[target]))
+                      ops.concat_split_call(R(tmp), RW(d), shape, shape, 0, True)
+                      if self.plan.strided(d) else ops.add_call(R(d), R(tmp), RW(d), shape))
+
+    def grad_as_slice(self, x):
+        """Whether a concat's first gradient contribution to x can be d:x itself, a channel
+        slice of the concat's gradient: x made by a conv or a pool (whose backward kernels
+        read a strided dy) and read only by concats and BNs (whose contributions accumulate
+        into a slice: concat_add_out, or BN's dx through a temporary)."""
+        return (x not in self.seen and x != INPUT
+                and self.g.by_name[x].op in ("conv2d", "maxpool2d", "avgpool2d")
+                and all(c.op in ("concat", "batchnorm") for c in self.consumers[x]))
 
     def alias_grad(self, n, target):
         """d:target shares d:n's buffer (a gradient passed through unchanged or in place)."""
@@ -197,9 +209,13 @@ class Lowering:
         elif n.op == "concat":
             off = 0
             for i in n.inputs:
-                self.contribute(n, f"bwd {i}", "concat", i,
-                                lambda d, acc, o=off, i=i: ops.concat_split_call(
-                                    dy, d, shape, self.shapes[i], o, acc), native=True)
+                if self.grad_as_slice(i):  # as PyTorch's CatBackward: a view, nothing moved
+                    self.seen.add(i)
+                    self.plan.tensor(f"d:{i}", self.shapes[i], slice_of=(f"d:{n.name}", off))
+                else:
+                    self.contribute(n, f"bwd {i}", "concat", i,
+                                    lambda d, acc, o=off, i=i: ops.concat_split_call(
+                                        dy, d, shape, self.shapes[i], o, acc), native=True)
                 off += self.shapes[i][3]
         elif n.op == "add":
             for i in n.inputs:

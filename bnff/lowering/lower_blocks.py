@@ -140,6 +140,10 @@ class BlockLowering(SplitLowering):
             self.shapes[s.x]))
 
     # --- backward ------------------------------------------------------------------------
+    def grad_as_slice(self, x):
+        """Not for a block's features: their gradients are slices of the block's already."""
+        return x not in self.member and x not in self.copied and super().grad_as_slice(x)
+
     def contribute(self, n, what, kind, target, make, native=False):
         b = self.member.get(target)
         if b is None:

@@ -196,6 +196,16 @@ def flatten_bwd_call(dy, dx, xs):
     return fn, (dy, dx), cost, sc
 
 
+def concat_fwd_call(xs, y, shapes, ys):
+    """y = the concatenation of xs along channels, one call of ConcatForward's default."""
+    ics = tuple(s[3] for s in shapes)
+    m = int(np.prod(ys[:3]))
+    cat, cost, sc = stage_kernel(concat.ConcatForward, dict(mb=ys[0], ics=ics, ih=ys[1],
+                                                            iw=ys[2]))
+    fn = lambda *a: cat([view(v, (m, c)) for v, c in zip(a[:-1], ics)], view(a[-1], (m, ys[3])))
+    return fn, (*xs, y), cost, sc
+
+
 def concat_copy_call(x, y, xs, ys, off):
     """y[..., off:off+C_k] = x."""
     ck, m = xs[3], int(np.prod(xs[:3]))
@@ -205,11 +215,14 @@ def concat_copy_call(x, y, xs, ys, off):
 
 
 def concat_split_call(dy, dx, ys, xs, off, accumulate):
-    """dx = dy[..., off:off+C_k], or dx += it when accumulating."""
+    """dx = dy[..., off:off+C_k], or dx += it when accumulating (dx may be a channel slice)."""
     ck, m = xs[3], int(np.prod(xs[:3]))
     stage = concat.ConcatAddOut if accumulate else concat.ConcatCopyOut
     split, cost, sc = stage_kernel(stage, dict(dims(xs), oc=ys[3], off=off))
-    fn = lambda g, d: split(g.reshape(m, ys[3]), off, d.reshape(m, ck))
+    if accumulate:
+        fn = lambda g, d: split(view(g, (m, ys[3])), off, view(d, (m, ck)), view(d, (m, ck)))
+    else:
+        fn = lambda g, d: split(view(g, (m, ys[3])), off, view(d, (m, ck)))
     return fn, (dy, dx), cost, sc
 
 

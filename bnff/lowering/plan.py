@@ -109,6 +109,16 @@ class Plan:
             t = self.tensors[name]
         return name
 
+    def strided(self, name) -> bool:
+        """Whether the tensor is (a view of) a channel slice: no flat view of it exists."""
+        t = self.tensors[name]
+        if t.inplace_of is not None:
+            return self.strided(t.inplace_of)
+        if t.slice_of is not None:
+            of = t.slice_of[0]
+            return t.shape[-1] != self.tensors[of].shape[-1] or self.strided(of)
+        return False
+
     def owns_buffer(self, t) -> bool:
         return t.inplace_of is None and t.slice_of is None
 

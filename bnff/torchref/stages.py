@@ -13,7 +13,9 @@ PyTorch's whole BN forward (statistics and normalize in one op: compare it with 
 bn_normalize; the stage's reference recomputes the statistics from x too);
 bn_backward: aten.native_batch_norm_backward; relu_fwd: relu; relu_bwd: threshold_backward;
 concat_fwd: cat; concat_bwd: narrow, the views CatBackward returns (PyTorch's concat backward
-copies nothing: the gradients are accumulated where they are consumed); maxpool_*: aten
+copies nothing: the gradients are accumulated where they are consumed); concat_add_out:
+add of the view into the gradient started so far, out of place as the autograd engine
+accumulates a gradient that several consumers feed; maxpool_*: aten
 max_pool2d_with_indices and its backward (the suite's window-index argmax converted to
 PyTorch's flat indices untimed); avgpool_*: avg_pool2d and its backward; gap_*:
 adaptive_avg_pool2d and its backward; add: add; linear_fwd: addmm; linear_bwd: mm, mm, sum;
@@ -125,6 +127,8 @@ OPS = {
     "concat_bwd": (None, lambda st, t: {
         f"dx{k}": t["dy"].narrow(1, sum(st.shape["ics"][:k]), c)
         for k, c in enumerate(st.shape["ics"])}),
+    "concat_add_out": (None, lambda st, t: {"dx": torch.add(
+        t["dx0"], t["dy"].narrow(1, st.shape["off"], st.shape["ic"]))}),
     "maxpool_fwd": (None, lambda st, t: dict(zip(("y", "argmax"), aten.max_pool2d_with_indices(
         t["x"], [st.shape["kh"]] * 2, [st.shape["sh"]] * 2, [st.shape["ph"]] * 2)))),
     "maxpool_bwd": (
