@@ -2,6 +2,7 @@
 columns, one header per file on append, positive figures, clear errors. Speed is not tested
 here."""
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -206,3 +207,15 @@ def test_micro_conv_rows_have_pct_sgemm(tmp_path, capsys):
         else:
             assert r["pct_sgemm"] == ""
     assert "conv_fwd default" in capsys.readouterr().out
+
+
+def test_timing_commands_run_numpy_blas_on_one_thread_unless_the_user_chose(monkeypatch):
+    from bnff.cli.main import _single_thread_blas
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    _single_thread_blas(["check", "densenet121"])
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    _single_thread_blas(["micro", "--stage", "relu_fwd"])
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    _single_thread_blas(["bench", "resnet50"])
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "2"

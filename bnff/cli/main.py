@@ -55,6 +55,22 @@ RAISES = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
 SIGNAL_OF = {exc: sig for sig, exc in RAISES.items()}
 RESEND = 0.1  # seconds between two sends of a signal whose exception was swallowed
 
+# Commands that time kernels in this process. Their numpy BLAS (OpenBLAS in numpy's wheels)
+# serves only the float64 validation, so it runs on one thread unless the user set
+# OPENBLAS_NUM_THREADS: OpenBLAS's threads spin on after a validation and take the cores from
+# Numba's. Measured on the 2-vCPU AMD EPYC (znver5): DenseNet-121's FLOP-weighted forward
+# conv at 2 threads read 50 and 67 % of sgemm in two micro runs without this, 135 % with it.
+# The sgemm reference runs in a child process with its own thread count (measure/roofline.py).
+TIMING_COMMANDS = {"micro", "bench", "roofline"}
+
+
+def _single_thread_blas(argv) -> None:
+    """Sets OPENBLAS_NUM_THREADS=1 for a timing command, before numpy is imported."""
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), None)
+    if command in TIMING_COMMANDS:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 
 class _Signals:
     """The state main()'s handlers share: a signal whose exception was swallowed and is not
@@ -124,6 +140,7 @@ def main(argv=None) -> int:
                 signal.signal(signal.SIGINT, signals.handler), sys.unraisablehook)
     sys.unraisablehook = lambda u: signals.unraisable(u, previous[2])
     command = "bnff"
+    _single_thread_blas(argv)
     try:
         args = build_parser().parse_args(argv)
         command = f"bnff {args.command}"

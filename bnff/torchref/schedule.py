@@ -80,7 +80,10 @@ def chosen_allocator() -> str:
 
 
 def child_env(allocator: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    """The parent's environment without LD_PRELOAD and OPENBLAS_NUM_THREADS (the parent's
+    setting for its float64 validation, cli/main.py; the child's threads follow
+    torch.set_num_threads), with the allocator's variables and this package on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENBLAS_NUM_THREADS")}
     env.update(allocator_env(allocator))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
