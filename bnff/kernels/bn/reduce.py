@@ -18,11 +18,12 @@ float32 [K, C] tile; args a tuple of the arrays it reads, and writes: an element
 computed on the way, e.g. a masked gradient, is stored there too). It is an
 @njit(inline="always") function, as is `tile_sums`, so the kernel `channel_sums(elem, K)`
 makes compiles to the loop it would have written by hand: the prange is its parallel region,
-and the j loop, with elem inlined, is vectorized along C. A store goes through the tuple,
-`args[i][r, j] = v`, and args reaches the kernel as its argument: Numba's dead-code
-elimination inside a prange knows an array aliases an argument only through indexing, not
-through tuple unpacking or a tuple built in the same function, and drops the stores it
-cannot tie to one (the output is then never written; tests/test_stages.py catches it).
+and the j loop, with elem inlined, is vectorized along C (inspect_asm on znver5: the same
+packed zmm subtract, FMA and add as the hand-written loops it replaced). A store indexes the
+tuple, `args[i][r, j] = v`, never an array unpacked from it: Numba's dead-code elimination
+inside a prange ties an array to the kernel's arguments through indexing but not through
+tuple unpacking, and drops the stores to an unpacked one (the output is then never written;
+tests/test_stages.py catches it).
 
     BLOCKS, TILE_ROWS
     block_rows(b, nb, m) -> (r0, r1)          rows of block b of nb
