@@ -12,9 +12,11 @@ from bnff.measure import roofline
 from bnff.cli.main import main as bnff  # the CLI itself: its parsing and its error handling
 from bnff.measure.machine import machine_info
 from bnff.measure.measurement import ValidationError, validate
+from bnff.kernels import registry
 from bnff.kernels.bn.bn_stats import BNStats
 from bnff.suites import networks
 
+EXAMPLE = "bnff/suites/examples/vgg_residual.json"
 TINY = ["--array-mib", "1", "--gemm-n", "64", "--reps", "1"]
 MACHINE = ["cpu_model", "vec_width", "cores", "l1d_bytes", "l2_bytes", "l3_bytes", "python", "numpy", "numba",
            "threading_layer", "git_commit", "timestamp"]
@@ -78,6 +80,13 @@ def test_stages_of_is_the_plans_steps_deduplicated_and_counted():
               if s.stage is not None}
     assert staged == set(keys)  # every staged step of every plan, nothing else
     assert "bnff: " in micro.untimed(plans)  # the hooked convs, said so
+
+
+def test_every_registered_stage_is_planned_or_listed_unplanned():
+    planned = {st.name for net in ("densenet121", "resnet50", EXAMPLE)
+               for st, _ in micro.stages_of(networks.load(net), 2, 32)}
+    assert planned.isdisjoint(registry.UNPLANNED)
+    assert planned | set(registry.UNPLANNED) == set(registry.STAGES)
 
 
 def test_stages_of_densenet_concats_are_what_the_schedules_run():

@@ -3,6 +3,11 @@
 stage module, so `STAGES` is complete. What a stage declares, the registry hands on: its
 variants and default, its shape as a descriptor that parses back (`make`), its cost.
 
+Most stages are what some plan step runs and records (bnff/lowering/plan.py StageCall), so
+`bnff micro NET` times them at the shapes NET uses. The few that no plan records are listed
+in UNPLANNED with what they are registered for (tests/test_roofline_micro.py checks the list
+against the plans of the built-in networks and the example graph, both ways).
+
     from bnff.kernels import registry
     for name, cls in registry.STAGES.items():
         for d in cls.examples:
@@ -19,6 +24,20 @@ from bnff.kernels.elementwise import add, concat, relu  # noqa: F401
 from bnff.kernels.stage import REGISTRY, DescriptorError, Stage
 
 STAGES: dict = dict(sorted(REGISTRY.items()))
+
+UNPLANNED = {  # registered stages no plan records: name -> what they are registered for
+    "concat_fwd": "a whole concatenation in one call (numpy, prange, tiles; PyTorch's cat): "
+                  "what the plans' per-input concat_copy_into steps would cost as one kernel",
+    "concat_bwd": "the split of a whole concatenation's gradient in one call, likewise beside "
+                  "the plans' per-input concat_copy_out / concat_add_out",
+    "bn_stats_from_sums": "the merge the plans run inside a coefficient step (with "
+                          "bn_coefficients), as a stage of its own",
+    "conv_fwd_bn_relu": "a bnff forward site, separate passes beside the fused conv",
+    "conv_bwd_data_relu_sums": "a bnff backward-data site, separate passes beside the fused "
+                               "conv",
+    "conv_bwd_1x1": "a 1x1 conv's two gradients, two kernels beside one pass (the plans run "
+                    "it with hooks, as a step of no stage)",
+}
 
 
 class UnknownStage(KeyError):
@@ -50,4 +69,4 @@ def check_variant(st: Stage, variant: str) -> str:
     return variant
 
 
-__all__ = ["STAGES", "DescriptorError", "UnknownStage", "check_variant", "make", "stage_class"]
+__all__ = ["STAGES", "UNPLANNED", "DescriptorError", "UnknownStage", "check_variant", "make", "stage_class"]

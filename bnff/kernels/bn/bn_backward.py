@@ -7,8 +7,8 @@ Over the m = N*H*W rows of the [M, C] views of dy and x:
            = a * dy + p * (x - mean) + q,            p = -a * inv * dgamma / m,  q = -a * dbeta / m
 
 It is two passes at best: a reduction (dbeta, dgamma) that must finish before any dx, then
-the elementwise dx. Reductions use per-block [C] partials (float32 tiles of TILE_ROWS rows
-flushed into float64), blocks as in bn_stats.
+the elementwise dx. Reductions are bnff/kernels/bn/reduce.py's (per-block [C] partials,
+float32 tiles of TILE_ROWS rows flushed into float64), given their per-element sums here.
 
 Kernels ([M, C] float32 views; vectors float32 [C]; outputs last, written):
     reduce_separate(DY, X, mean, var, eps, dgamma, dbeta)   one pass per sum (reads dy twice)
@@ -22,90 +22,48 @@ import numpy as np
 from numba import njit, prange
 
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.bn_stats import BLOCKS, TILE_ROWS, block_rows, merge_blocks
+from bnff.kernels.bn.reduce import (BLOCKS, block_rows, channel_sum, channel_sums,
+                                    dy_product_sums, merge_blocks)
 from bnff.kernels.stage import F32, Cost, Stage
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _sum_rows(DY, out):
-    """out[c] = sum_r DY[r, c] (float64)."""
-    m, c = DY.shape
-    part = np.empty((BLOCKS, c))
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        acc = np.zeros(c)
-        t = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    t[j] += DY[r, j]
-            for j in range(c):
-                acc[j] += t[j]
-        part[blk] = acc
-    merge_blocks(part, 1.0, out)
+@njit(inline="always")
+def _centered_product(args, r, j, t):
+    """t[0, j] += DY[r, j] * (X[r, j] - mean[j]), args = (DY, X, mean)."""
+    DY, X, mean = args
+    t[0, j] += DY[r, j] * (X[r, j] - mean[j])
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+_centered_product_sums = channel_sums(_centered_product, 1)
+
+
+@njit(cache=True)
 def _sum_centered_products(DY, X, mean, out):
     """out[c] = sum_r DY[r, c] * (X[r, c] - mean[c]) (float64)."""
     m, c = DY.shape
-    part = np.empty((BLOCKS, c))
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        acc = np.zeros(c)
-        t = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    t[j] += DY[r, j] * (X[r, j] - mean[j])
-            for j in range(c):
-                acc[j] += t[j]
-        part[blk] = acc
-    merge_blocks(part, 1.0, out)
+    merge_blocks(_centered_product_sums((DY, X, mean), m, c)[:, 0], 1.0, out)
 
 
 # Separate reductions: a framework's dbeta and dgamma kernels, dy streamed twice.
 def reduce_separate(DY, X, mean, var, eps, dgamma, dbeta):
     """dbeta in one pass over dy, dgamma in a second pass over dy and x."""
     s = np.empty(mean.size)
-    _sum_rows(DY, s)
+    channel_sum(DY, s)
     dbeta[:] = s
     _sum_centered_products(DY, X, mean, s)
     dgamma[:] = s / np.sqrt(var.astype(np.float64) + eps)
 
 
 # Fused reduction: both sums from one pass over dy and x.
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def reduce_fused(DY, X, mean, var, eps, dgamma, dbeta):
     """dbeta and dgamma accumulated together: dy and x are each read once."""
     m, c = DY.shape
-    p1 = np.empty((BLOCKS, c))
-    p2 = np.empty((BLOCKS, c))
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        a1 = np.zeros(c)
-        a2 = np.zeros(c)
-        t1 = np.empty(c, np.float32)
-        t2 = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t1[:] = 0.0
-            t2[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    g = DY[r, j]
-                    t1[j] += g
-                    t2[j] += g * (X[r, j] - mean[j])
-            for j in range(c):
-                a1[j] += t1[j]
-                a2[j] += t2[j]
-        p1[blk] = a1
-        p2[blk] = a2
+    part = dy_product_sums((DY, X, mean), m, c)
     s1 = np.empty(c)
     s2 = np.empty(c)
-    merge_blocks(p1, 1.0, s1)
-    merge_blocks(p2, 1.0, s2)
+    merge_blocks(part[:, 0], 1.0, s1)
+    merge_blocks(part[:, 1], 1.0, s2)
     for j in range(c):
         dbeta[j] = s1[j]
         dgamma[j] = s2[j] / np.sqrt(np.float64(var[j]) + eps)

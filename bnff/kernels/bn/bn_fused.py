@@ -19,8 +19,9 @@ Backward, with dz the gradient at the ReLU output and dy = dz * [a*x + b > 0] (o
     dx = a * (dy - dbeta/m - (x - mean) * inv * dgamma/m) = a*dy + p*x + q,
          p = -a * inv * dgamma / m,   q = -p * mean - a * dbeta / m
 
-The reductions use the bn_stats scheme (BLOCKS row blocks, float32 tiles of TILE_ROWS rows
-flushed into per-block float64 partials, merged serially). s2 = sum(dy * x) is accumulated as
+The reductions are bnff/kernels/bn/reduce.py's (BLOCKS row blocks, float32 tiles of TILE_ROWS
+rows flushed into per-block float64 partials, merged serially), given their per-element sums
+here. s2 = sum(dy * x) is accumulated as
 sum(dy * (x - k)) + k * s1 with k = X[0] per channel, so its float32 tiles do not lose the
 centered part when |mean| >> std (the same shift as stats_shifted).
 
@@ -51,7 +52,8 @@ import numpy as np
 from numba import njit, prange
 
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.bn_stats import BLOCKS, TILE_ROWS, block_rows, merge_blocks
+from bnff.kernels.bn.reduce import (BLOCKS, block_rows, channel_sums, dy_product_sums,
+                                    merge_blocks)
 from bnff.kernels.conv.conv_common import pixels
 from bnff.kernels.stage import F32, Cost, Stage
 
@@ -142,105 +144,65 @@ def normalize2_add_relu(X1, a1, b1, X2, a2, b2, Y):
 # --- backward: ReLU mask + BN reductions, one pass --------------------------------------------
 
 
-@njit(cache=True)
-def _finish_sums(p1, p2, k, s1, s2):
-    """s1 = sum_b p1[b], s2 = sum_b p2[b] + k * s1 (undo the shift of x by k)."""
-    merge_blocks(p1, 1.0, s1)
-    merge_blocks(p2, 1.0, s2)
-    for j in range(k.shape[0]):
+@njit(inline="always")
+def _masked_by_bn(args, r, j, t):
+    """dy = dz * [a*x + b > 0] stored in DY and summed: args = (DZ, X, a, b, DY, k)."""
+    DZ, X, a, b = args[:4]
+    k = args[5]
+    x = X[r, j]
+    g = DZ[r, j]
+    g = g if a[j] * x + b[j] > 0 else np.float32(0.0)
+    args[4][r, j] = g
+    t[0, j] += g
+    t[1, j] += g * (x - k[j])
+
+
+@njit(inline="always")
+def _masked_by_z(args, r, j, t):
+    """dy = dz * [z > 0] stored in DY and summed: args = (DZ, Z, X, DY, k)."""
+    DZ, Z, X = args[:3]
+    k = args[4]
+    g = DZ[r, j]
+    g = g if Z[r, j] > 0 else np.float32(0.0)
+    args[3][r, j] = g
+    t[0, j] += g
+    t[1, j] += g * (X[r, j] - k[j])
+
+
+@njit(inline="always")
+def _shifted_dy_sums(sums, args, X, s1, s2):
+    """s1 = sum(dy), s2 = sum(dy * X) over the rows of X from the kernel sums (channel_sums of
+    an elem adding dy into t[0, j] and dy * (X - k) into t[1, j]) given args + (k,), k = X[0];
+    the shift undone after the merge (s2 += k * s1)."""
+    m, c = X.shape
+    k = X[0].copy()
+    part = sums(args + (k,), m, c)
+    merge_blocks(part[:, 0], 1.0, s1)
+    merge_blocks(part[:, 1], 1.0, s2)
+    for j in range(c):
         s2[j] += k[j] * s1[j]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+_masked_by_bn_sums = channel_sums(_masked_by_bn, 2)
+_masked_by_z_sums = channel_sums(_masked_by_z, 2)
+
+
+@njit(cache=True)
 def relu_mask_sums(DZ, X, a, b, DY, s1, s2):
     """DY = DZ * [a*X + b > 0], s1 = sum(DY), s2 = sum(DY * X): reads DZ and X, writes DY."""
-    m, c = X.shape
-    k = X[0].copy()
-    p1 = np.empty((BLOCKS, c))
-    p2 = np.empty((BLOCKS, c))
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        acc1 = np.zeros(c)
-        acc2 = np.zeros(c)
-        t1 = np.empty(c, np.float32)
-        t2 = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t1[:] = 0.0
-            t2[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    x = X[r, j]
-                    g = DZ[r, j]
-                    g = g if a[j] * x + b[j] > 0 else np.float32(0.0)
-                    DY[r, j] = g
-                    t1[j] += g
-                    t2[j] += g * (x - k[j])
-            for j in range(c):
-                acc1[j] += t1[j]
-                acc2[j] += t2[j]
-        p1[blk] = acc1
-        p2[blk] = acc2
-    _finish_sums(p1, p2, k, s1, s2)
+    _shifted_dy_sums(_masked_by_bn_sums, (DZ, X, a, b, DY), X, s1, s2)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(cache=True)
 def relu_mask_sums_z(DZ, Z, X, DY, s1, s2):
     """DY = DZ * [Z > 0], s1 = sum(DY), s2 = sum(DY * X): reads DZ, Z and X, writes DY."""
-    m, c = X.shape
-    k = X[0].copy()
-    p1 = np.empty((BLOCKS, c))
-    p2 = np.empty((BLOCKS, c))
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        acc1 = np.zeros(c)
-        acc2 = np.zeros(c)
-        t1 = np.empty(c, np.float32)
-        t2 = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t1[:] = 0.0
-            t2[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    g = DZ[r, j]
-                    g = g if Z[r, j] > 0 else np.float32(0.0)
-                    DY[r, j] = g
-                    t1[j] += g
-                    t2[j] += g * (X[r, j] - k[j])
-            for j in range(c):
-                acc1[j] += t1[j]
-                acc2[j] += t2[j]
-        p1[blk] = acc1
-        p2[blk] = acc2
-    _finish_sums(p1, p2, k, s1, s2)
+    _shifted_dy_sums(_masked_by_z_sums, (DZ, Z, X, DY), X, s1, s2)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(cache=True)
 def dy_sums(DY, X, s1, s2):
     """s1 = sum(DY), s2 = sum(DY * X): reads DY and X (the second BN of a projection add)."""
-    m, c = X.shape
-    k = X[0].copy()
-    p1 = np.empty((BLOCKS, c))
-    p2 = np.empty((BLOCKS, c))
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        acc1 = np.zeros(c)
-        acc2 = np.zeros(c)
-        t1 = np.empty(c, np.float32)
-        t2 = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t1[:] = 0.0
-            t2[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    g = DY[r, j]
-                    t1[j] += g
-                    t2[j] += g * (X[r, j] - k[j])
-            for j in range(c):
-                acc1[j] += t1[j]
-                acc2[j] += t2[j]
-        p1[blk] = acc1
-        p2[blk] = acc2
-    _finish_sums(p1, p2, k, s1, s2)
+    _shifted_dy_sums(dy_product_sums, (DY, X), X, s1, s2)
 
 
 # --- backward: BN input gradient, one pass ----------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit, prange
 
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.bn_stats import BLOCKS, block_rows
+from bnff.kernels.bn.reduce import BLOCKS, block_rows
 from bnff.kernels.stage import F32, Cost, Stage
 
 

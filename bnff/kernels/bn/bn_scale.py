@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from bnff.kernels.bn.bn_stats import BLOCKS, TILE_ROWS, block_rows, merge_blocks
+from bnff.kernels.bn.reduce import BLOCKS, block_rows, channel_sums, merge_blocks
 from bnff.kernels.stage import F32, Cost, Stage
 
 
@@ -31,35 +31,28 @@ def scale_forward(XH, gamma, beta, Y):
                 Y[r, j] = gamma[j] * XH[r, j] + beta[j]
 
 
+@njit(inline="always")
+def _scale_grads(args, r, j, t):
+    """t[0, j] += dy, t[1, j] += dy * xh, and DXH[r, j] = gamma[j] * dy: args = (DY, XH, gamma,
+    DXH)."""
+    DY, XH, gamma = args[:3]
+    g = DY[r, j]
+    t[0, j] += g
+    t[1, j] += g * XH[r, j]
+    args[3][r, j] = gamma[j] * g
+
+
+_scale_grad_sums = channel_sums(_scale_grads, 2)
+
+
 # 2. backward: the two parameter sums and dxh from one pass over dy and xh.
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(cache=True)
 def scale_backward(DY, XH, gamma, dgamma, dbeta, DXH):
-    """Per-block float32 tile sums flushed to float64 partials, dxh written on the way."""
+    """reduce.py's float32 tile sums flushed to float64 partials, dxh written on the way."""
     m, c = DY.shape
-    p1 = np.zeros((BLOCKS, c))
-    p2 = np.zeros((BLOCKS, c))
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        a1 = np.zeros(c)
-        a2 = np.zeros(c)
-        t1 = np.empty(c, np.float32)
-        t2 = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t1[:] = 0.0
-            t2[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    g = DY[r, j]
-                    t1[j] += g
-                    t2[j] += g * XH[r, j]
-                    DXH[r, j] = gamma[j] * g
-            for j in range(c):
-                a1[j] += t1[j]
-                a2[j] += t2[j]
-        p1[blk] = a1
-        p2[blk] = a2
-    merge_blocks(p1, 1.0, dbeta)
-    merge_blocks(p2, 1.0, dgamma)
+    part = _scale_grad_sums((DY, XH, gamma, DXH), m, c)
+    merge_blocks(part[:, 0], 1.0, dbeta)
+    merge_blocks(part[:, 1], 1.0, dgamma)
 
 
 class BNScale(Stage):

@@ -9,89 +9,83 @@ Float32 sum(x) and sum(x*x) in one pass cancel catastrophically when |mean| >> s
 variant below is stable: it subtracts the mean (or a per-channel shift close to it) before
 squaring, and carries the cross-tile sums in float64. The test data has mean 1000, std 1.
 
-Parallel scheme (all variants): the M rows are cut into BLOCKS blocks (prange hands each
-thread a contiguous run of them, so a thread streams one range of rows); each block
-accumulates into its own [C] partials (vectorized along C), and the partials are merged
-serially at the end. A block walks its rows in tiles of TILE_ROWS rows: float32 sums over a
-tile (short enough to be accurate), flushed into float64 once per tile.
+Parallel scheme (all variants): the bnff/kernels/bn/reduce.py scheme. The M rows are cut
+into BLOCKS blocks, each accumulating its own [C] partials (vectorized along C), merged
+serially at the end; a block walks its rows in float32 tiles of TILE_ROWS rows, flushed into
+float64 once per tile. two_pass, shifted and shifted_pairs give reduce.py their per-element
+sums; chan keeps its own loop (its tiles are read twice and merged by Chan's formula).
 
 Kernels (called directly by schedules, on preallocated outputs; X is the [M, C] view):
     stats_two_pass(X, mean, var)   X f32 [M, C]; mean, var f32 [C] (written)
     stats_shifted(X, mean, var)    same signature
     stats_chan(X, mean, var)       same signature
     stats_shifted_pairs(X, mean, var)   same signature (the default)
-Shared with the other [M, C] kernels: BLOCKS, TILE_ROWS, block_rows(b, nb, m) -> (r0, r1),
-merge_blocks(part [B, C] f64, scale, out [C]).
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from bnff.kernels import reference as ref
+from bnff.kernels.bn.reduce import (BLOCKS, TILE_ROWS, block_rows, channel_sums, merge_blocks,
+                                    row_sum, tile_sums)
 from bnff.kernels.stage import F32, Cost, Stage
-
-TILE_ROWS = 32  # rows per float32 tile before a float64 flush
-BLOCKS = 4 * numba.config.NUMBA_NUM_THREADS  # row blocks; a compile-time constant keeps cache=True
 
 
 @njit(inline="always")
-def block_rows(b, nb, m):
-    """Rows [r0, r1) of block b out of nb over m rows."""
-    return b * m // nb, (b + 1) * m // nb
+def _centered_square(args, r, j, t):
+    """t[0, j] += (X[r, j] - mu[j])^2, args = (X, mu)."""
+    d = args[0][r, j] - args[1][j]
+    t[0, j] += d * d
 
 
-@njit(cache=True)
-def merge_blocks(part, scale, out):
-    """out[j] = scale * sum_b part[b, j]. A separate serial function: inside parallel=True every
-    array expression becomes its own parallel region, a thread wake-up per channel."""
-    for j in range(part.shape[1]):
-        s = 0.0
-        for b in range(part.shape[0]):
-            s += part[b, j]
-        out[j] = s * scale
+@njit(inline="always")
+def _shifted(args, r, j, t):
+    """t[0, j] += d, t[1, j] += d^2 with d = X[r, j] - k[j], args = (X, k)."""
+    d = args[0][r, j] - args[1][j]
+    t[0, j] += d
+    t[1, j] += d * d
+
+
+@njit(inline="always")
+def _shifted_pair(args, r, j, t):
+    """As _shifted for rows r and r + h together (two row streams), args = (X, k, h)."""
+    X, k, h = args
+    d = X[r, j] - k[j]
+    e = X[r + h, j] - k[j]
+    t[0, j] += d + e
+    t[1, j] += d * d + e * e
+
+
+_row_sums = channel_sums(row_sum, 1)
+_centered_square_sums = channel_sums(_centered_square, 1)
+_shifted_sums = channel_sums(_shifted, 2)
+
+
+@njit(inline="always")
+def _shifted_moments(k, s, m, mean, var):
+    """mean, var from s [2, C] float64 sums of d = x - k and d^2 over m rows."""
+    s1 = np.empty(k.shape[0])
+    s2 = np.empty(k.shape[0])
+    merge_blocks(s[:, 0], 1.0 / m, s1)
+    merge_blocks(s[:, 1], 1.0 / m, s2)
+    for j in range(k.shape[0]):
+        mean[j] = k[j] + s1[j]
+        var[j] = s2[j] - s1[j] * s1[j]
 
 
 # 1. two-pass: reads X twice; pass 1 sums x, pass 2 sums (x - mean)^2.
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def stats_two_pass(X, mean, var):
     """Two passes over X: the textbook mean, then the centered sum of squares."""
     m, c = X.shape
-    nb = BLOCKS
-    part = np.empty((nb, c))
-    for b in prange(nb):
-        r0, r1 = block_rows(b, nb, m)
-        acc = np.zeros(c)
-        t = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    t[j] += X[r, j]
-            for j in range(c):
-                acc[j] += t[j]
-        part[b] = acc
     mu = np.empty(c)
-    merge_blocks(part, 1.0 / m, mu)
+    merge_blocks(_row_sums((X,), m, c)[:, 0], 1.0 / m, mu)
     mu32 = np.empty(c, np.float32)
     for j in range(c):
         mu32[j] = mu[j]
-    for b in prange(nb):
-        r0, r1 = block_rows(b, nb, m)
-        acc = np.zeros(c)
-        t = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    d = X[r, j] - mu32[j]
-                    t[j] += d * d
-            for j in range(c):
-                acc[j] += t[j]
-        part[b] = acc
     sq = np.empty(c)
-    merge_blocks(part, 1.0 / m, sq)
+    merge_blocks(_centered_square_sums((X, mu32), m, c)[:, 0], 1.0 / m, sq)
     for j in range(c):  # the float32 rounding of the mean adds (mu - mu32)^2 to the centered sum
         dm = mu[j] - mu32[j]
         mean[j] = mu[j]
@@ -99,42 +93,12 @@ def stats_two_pass(X, mean, var):
 
 
 # 2. shifted one-pass: sums of d = x - K and d^2 with K = X[0] (close to the mean).
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def stats_shifted(X, mean, var):
     """One pass over X: float32 tile sums of the data shifted by its first row, in float64."""
     m, c = X.shape
-    nb = BLOCKS
-    k = np.empty(c, np.float32)
-    for j in range(c):
-        k[j] = X[0, j]
-    p1 = np.empty((nb, c))
-    p2 = np.empty((nb, c))
-    for b in prange(nb):
-        r0, r1 = block_rows(b, nb, m)
-        a1 = np.zeros(c)
-        a2 = np.zeros(c)
-        t1 = np.empty(c, np.float32)
-        t2 = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t1[:] = 0.0
-            t2[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    d = X[r, j] - k[j]
-                    t1[j] += d
-                    t2[j] += d * d
-            for j in range(c):
-                a1[j] += t1[j]
-                a2[j] += t2[j]
-        p1[b] = a1
-        p2[b] = a2
-    s1 = np.empty(c)
-    s2 = np.empty(c)
-    merge_blocks(p1, 1.0 / m, s1)
-    merge_blocks(p2, 1.0 / m, s2)
-    for j in range(c):
-        mean[j] = k[j] + s1[j]
-        var[j] = s2[j] - s1[j] * s1[j]
+    k = X[0].copy()
+    _shifted_moments(k, _shifted_sums((X, k), m, c), m, mean, var)
 
 
 # 3. Chan one-pass: per tile (count, mean, M2) from the cache-resident tile, merged with Chan.
@@ -205,44 +169,17 @@ def stats_shifted_pairs(X, mean, var):
     """As shifted, with rows r and r + half of a block summed together: two streams per thread."""
     m, c = X.shape
     nb = BLOCKS
-    k = np.empty(c, np.float32)
-    for j in range(c):
-        k[j] = X[0, j]
-    p1 = np.empty((nb, c))
-    p2 = np.empty((nb, c))
+    k = X[0].copy()
+    part = np.empty((nb, 2, c))
     for b in prange(nb):
         r0, r1 = block_rows(b, nb, m)
         h = (r1 - r0) // 2
-        a1 = np.zeros(c)
-        a2 = np.zeros(c)
-        t1 = np.empty(c, np.float32)
-        t2 = np.empty(c, np.float32)
-        for s in range(r0, r0 + h, TILE_ROWS):
-            t1[:] = 0.0
-            t2[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r0 + h)):
-                for j in range(c):
-                    d = X[r, j] - k[j]
-                    e = X[r + h, j] - k[j]
-                    t1[j] += d + e
-                    t2[j] += d * d + e * e
-            for j in range(c):
-                a1[j] += t1[j]
-                a2[j] += t2[j]
-        for r in range(r0 + 2 * h, r1):  # the odd row out
-            for j in range(c):
-                d = X[r, j] - k[j]
-                a1[j] += d
-                a2[j] += d * d
-        p1[b] = a1
-        p2[b] = a2
-    s1 = np.empty(c)
-    s2 = np.empty(c)
-    merge_blocks(p1, 1.0 / m, s1)
-    merge_blocks(p2, 1.0 / m, s2)
-    for j in range(c):
-        mean[j] = k[j] + s1[j]
-        var[j] = s2[j] - s1[j] * s1[j]
+        acc = np.zeros((2, c))
+        t = np.empty((2, c), np.float32)
+        tile_sums(_shifted_pair, (X, k, h), r0, r0 + h, acc, t)
+        tile_sums(_shifted, (X, k), r0 + 2 * h, r1, acc, t)  # the odd row out
+        part[b] = acc
+    _shifted_moments(k, part, m, mean, var)
 
 
 class BNStats(Stage):

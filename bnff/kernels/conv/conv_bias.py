@@ -4,9 +4,10 @@
 
 Kernels:
     bias_grad(DY, db)           DY an [M, C] float32 view (C-contiguous rows, or a channel
-                                slice of a wider buffer), db float32 [C]: one reduction pass
-                                (the bn_stats scheme: row blocks, float32 tiles of TILE_ROWS
-                                rows flushed into float64 partials, merged serially).
+                                slice of a wider buffer), db float32 [C]: one reduction pass,
+                                the plain per-channel sum bnff/kernels/bn/reduce.channel_sum
+                                (row blocks, float32 tiles of TILE_ROWS rows flushed into
+                                float64 partials, merged serially).
     bias_grad_bn(a, p, q, dbeta, mean, m, db)
                                 no pass at all, when the conv's output feeds only a BN whose
                                 dx = a*dy + p*x + q is formed in the conv's own backward
@@ -18,31 +19,13 @@ Kernels:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.bn_stats import BLOCKS, TILE_ROWS, block_rows, merge_blocks
+from bnff.kernels.bn.reduce import channel_sum
 from bnff.kernels.stage import F32, Cost, Stage
 
-
-@njit(parallel=True, fastmath=True, cache=True)
-def bias_grad(DY, db):
-    """db[c] = sum_r DY[r, c]: reads DY once."""
-    m, c = DY.shape
-    part = np.empty((BLOCKS, c))
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        acc = np.zeros(c)
-        t = np.empty(c, np.float32)
-        for s in range(r0, r1, TILE_ROWS):
-            t[:] = 0.0
-            for r in range(s, min(s + TILE_ROWS, r1)):
-                for j in range(c):
-                    t[j] += DY[r, j]
-            for j in range(c):
-                acc[j] += t[j]
-        part[blk] = acc
-    merge_blocks(part, 1.0, db)
+bias_grad = channel_sum  # db[c] = sum_r DY[r, c]: reads DY once
 
 
 @njit(cache=True)

@@ -29,7 +29,8 @@ For the fused schedules: `make_conv_backward_data(prologue, epilogue, engine="di
 with the hooks compiled in: the prologue sees dy (idx indexes dy, so it can form the gradient
 from dy and any tensor of dy's layout), the epilogue sees dx tiles. accumulate: dx += the
 result (gradients of a shared buffer); dy and dx may be channel slices (conv_common.pixels).
-`conv_backward_data(dy, w, dx, stride, pad)` is the default variant without hooks.
+`ENGINES` holds both engines without hooks, f(dy, w, dx, stride, pad)
+(conv_common.engine_variants); `conv_backward_data` is the default one.
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from bnff.kernels import reference as R
-from bnff.kernels.conv.conv_common import (conv_flops, from_ohwi, hooked, identity_epilogue,
-                                           identity_prologue, make_igemm, pixels, tap_groups)
+from bnff.kernels.conv.conv_common import (conv_flops, engine_variants, from_ohwi, hooked,
+                                           identity_epilogue, identity_prologue, make_igemm,
+                                           pixels, tap_groups)
 from bnff.kernels.conv.conv_fwd import ConvForward
 from bnff.engine.gemm import NR
 from bnff.kernels.conv.conv_direct import make_direct, pack_panels
@@ -174,14 +176,8 @@ def make_conv_backward_data(prologue=identity_prologue, epilogue=identity_epilog
     return conv
 
 
-def conv_backward_data(dy, w, dx, stride, pad):
-    """4. The default variant (direct; stride 2 through the im2col phases), no hooks."""
-    make_conv_backward_data()(dy, w, dx, stride, pad)
-
-
-def conv_backward_data_im2col(dy, w, dx, stride, pad):
-    """3. One implicit GEMM per stride phase, no hooks."""
-    make_conv_backward_data(engine="im2col")(dy, w, dx, stride, pad)
+ENGINES = engine_variants(make_conv_backward_data)  # 3. im2col, 4. direct (default), no hooks
+conv_backward_data = ENGINES["direct"]
 
 
 class ConvBackwardData(ConvForward):
@@ -189,7 +185,7 @@ class ConvBackwardData(ConvForward):
 
     name = "conv_bwd_data"
     variants = {"naive": conv_backward_data_naive, "blocked": conv_backward_data_blocked,
-                "im2col": conv_backward_data_im2col, "direct": conv_backward_data}
+                **ENGINES}
     default = "direct"
 
     def make_inputs(self, rng):

@@ -275,6 +275,19 @@ def hooked(factory):
     return make
 
 
+def engine_variants(make) -> dict:
+    """The stage variants of a hooked conv factory `make` (make_conv_forward,
+    make_conv_backward_data) without hooks, one per engine, in the order the stages list them:
+    {"im2col": f, "direct": f}, f(src, w, dst, stride, pad) = make(engine=...)(src, w, dst,
+    stride, pad); "direct" is the factory's default engine."""
+    def variant(engine):
+        def conv(src, w, dst, stride, pad):
+            make(engine=engine)(src, w, dst, stride, pad)
+        conv.__doc__ = f"{make.__name__}(engine={engine!r}) without hooks."
+        return conv
+    return {engine: variant(engine) for engine in ("im2col", "direct")}
+
+
 # --- the implicit-GEMM engine --------------------------------------------------------------
 
 

@@ -19,8 +19,9 @@ For the fused schedules: `make_conv_forward(prologue, epilogue, engine="direct")
     conv(x, w, y, stride, pad, pro_args=(), epi_args=(), ntasks=numba.get_num_threads())
 with the hooks compiled in (prologue sees x, epilogue sees y; see conv_common); x and y may be
 channel slices of wider buffers (conv_common.pixels).
-`conv_forward(x, w, y, stride, pad)` is the default variant without hooks.
-engine="im2col" gives the implicit GEMM with the same signature.
+engine="im2col" gives the implicit GEMM with the same signature. `ENGINES` holds both engines
+without hooks, f(x, w, y, stride, pad) (conv_common.engine_variants); `conv_forward` is the
+default one.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from bnff.kernels import reference as R
-from bnff.kernels.conv.conv_common import (conv_flops, from_ohwi, hooked, identity_epilogue,
-                                           identity_prologue, make_igemm, out_size, pack_b_rows,
-                                           pixels, tap_groups)
+from bnff.kernels.conv.conv_common import (conv_flops, engine_variants, from_ohwi, hooked,
+                                           identity_epilogue, identity_prologue, make_igemm,
+                                           out_size, pack_b_rows, pixels, tap_groups)
 from bnff.engine.gemm import NR
 from bnff.kernels.conv.conv_direct import make_direct, pack_panels
 from bnff.kernels.stage import F32, Cost, Stage
@@ -135,22 +136,15 @@ def make_conv_forward(prologue=identity_prologue, epilogue=identity_epilogue, en
     return conv
 
 
-def conv_forward(x, w, y, stride, pad):
-    """4. The default variant (direct), no hooks."""
-    make_conv_forward()(x, w, y, stride, pad)
-
-
-def conv_forward_im2col(x, w, y, stride, pad):
-    """3. Implicit GEMM, no hooks."""
-    make_conv_forward(engine="im2col")(x, w, y, stride, pad)
+ENGINES = engine_variants(make_conv_forward)  # 3. im2col and 4. direct (the default), no hooks
+conv_forward = ENGINES["direct"]
 
 
 class ConvForward(Stage):
     """Shape keys: mb, ic, ih, iw, oc, kh, kw, sh, ph (square stride and padding)."""
 
     name = "conv_fwd"
-    variants = {"naive": conv_forward_naive, "blocked": conv_forward_blocked,
-                "im2col": conv_forward_im2col, "direct": conv_forward}
+    variants = {"naive": conv_forward_naive, "blocked": conv_forward_blocked, **ENGINES}
     default = "direct"
     examples = tuple(f"mb2ic{ic}ih{hw}iw{hw + 1}oc{oc}kh{k}kw{k}sh{s}ph{p}"
                      for ic, oc, k, s, p, hw in (  # inherited by the other conv stages
