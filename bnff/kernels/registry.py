@@ -26,10 +26,8 @@ from bnff.kernels.stage import REGISTRY, DescriptorError, Stage
 STAGES: dict = dict(sorted(REGISTRY.items()))
 
 UNPLANNED = {  # registered stages no plan records: name -> what they are registered for
-    "concat_fwd": "a whole concatenation in one call (numpy, prange, tiles; PyTorch's cat): "
-                  "what the plans' per-input concat_copy_into steps would cost as one kernel",
-    "concat_bwd": "the split of a whole concatenation's gradient in one call, likewise beside "
-                  "the plans' per-input concat_copy_out / concat_add_out",
+    "concat_bwd": "the split of a whole concatenation's gradient in one call (copies), beside "
+                  "the plans' views of it plus concat_add_out where a gradient accumulates",
     "bn_stats_from_sums": "the merge the plans run inside a coefficient step (with "
                           "bn_coefficients), as a stage of its own",
     "conv_fwd_bn_relu": "a bnff forward site, separate passes beside the fused conv",

@@ -39,7 +39,7 @@ from numba.typed import List
 
 from bnff.engine.vec import W, row_span, vadd, vload, vstore
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.bn_stats import BLOCKS, block_rows
+from bnff.kernels.bn.reduce import BLOCKS, block_rows
 from bnff.kernels.stage import F32, Cost, DescriptorError, Stage
 
 TILE = 8192  # floats per assembled row tile (32 KiB, L1)
