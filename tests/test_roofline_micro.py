@@ -74,6 +74,9 @@ def test_stages_of_is_the_plans_steps_deduplicated_and_counted():
             "maxpool_fwd", "gap_fwd", "linear_fwd", "linear_bwd", "softmax_xent"} <= names
     assert {"bn_scale", "bn_scale_bwd"} <= names  # caffe's Scale layers, as caffe runs them
     assert {"bn_relu", "relu_mask_sums", "bn_add_relu", "bn2_add_relu"} <= names  # fission's
+    hooked = {st.descriptor().partition("_pro-")[2] for st, _ in items
+              if st.name in ("conv_fwd_hooked", "conv_bwd_data_hooked")}
+    assert {"bn_relu_epi-stats", "bn_relu_grad_epi-relu_sums"} <= hooked  # bnff's fused convs
     bn = sum(1 for n in g.nodes if n.op == "batchnorm")
     assert sum(c for st, c in items if st.name == "bn_backward") == bn
     staged = {(s.stage.stage, s.stage.descriptor) for p in plans.values() for s in p.steps

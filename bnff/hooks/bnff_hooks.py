@@ -43,7 +43,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from bnff.kernels.conv.conv_common import Hook, flat_first, pixels_first, tile_sums
+from bnff.kernels.conv.conv_common import (Hook, coefficients, flat_first, pixels_first, sums_of,
+                                           tensor_and_coefficients, tile_sums)
 from bnff.engine.gemm import NR
 from bnff.engine.vec import W, prefetch_read, vadd, vfma, vload, vstore, vwhere_pos, vwiden, vzero64
 
@@ -120,7 +121,13 @@ def bn_relu_grad_prologue(v, idx, c, args):
     return a[c] * g + p[c] * xv + q[c]
 
 
-BN = Hook("bn", bn_prologue)
-RELU_SUMS = Hook("relu_sums", relu_sums_epilogue, pixels_first, reads_x=True, sums=True)
-SUMS = Hook("sums", sums_epilogue, pixels_first, reads_x=True, sums=True)
-BN_RELU_GRAD = Hook("bn_relu_grad", bn_relu_grad_prologue, flat_first, reads_x=True)
+BN = Hook("bn", bn_prologue, inputs=lambda rng, shape: coefficients(rng, shape[3], 2),
+          ref=lambda v, a: a[0] * v + a[1])
+RELU_SUMS = Hook("relu_sums", relu_sums_epilogue, pixels_first, reads_x=True, sums=True,
+                 inputs=tensor_and_coefficients(2),
+                 ref=lambda d, a: (d, sums_of(d * (a[1] * a[0] + a[2] > 0), a[0])))
+SUMS = Hook("sums", sums_epilogue, pixels_first, reads_x=True, sums=True,
+            inputs=tensor_and_coefficients(0), ref=lambda d, a: (d, sums_of(d, a[0])))
+BN_RELU_GRAD = Hook("bn_relu_grad", bn_relu_grad_prologue, flat_first, reads_x=True,
+                    inputs=tensor_and_coefficients(5),
+                    ref=lambda v, a: a[3] * v * (a[1] * a[0] + a[2] > 0) + a[4] * a[0] + a[5])

@@ -12,10 +12,11 @@ import numpy as np
 from bnff.lowering.ops import conv_shape, dims, on_view, stage_kernel
 from bnff.kernels.bn import bn_fused, bn_scale, bn_stats
 from bnff.kernels.conv import conv_bwd_data, conv_bwd_fused, conv_bwd_weights, conv_common, \
-    conv_fwd, conv_bias
+    conv_fwd, conv_bias, conv_hooked
 from bnff.kernels.conv.conv_common import (BIAS, BIAS_SUMS, CHANNEL_SUMS, IDENTITY_EPILOGUE,
                                            IDENTITY_PROLOGUE)
 from bnff.kernels.stage import F32, Cost
+from bnff.lowering.plan import StageCall
 
 
 def partials_shape(c):
@@ -159,13 +160,14 @@ def conv_fwd_fused_call(x, w, y, xs, node, pro, pro_args, epi, epi_args):
     (epi, epi_args = per-task partial sums s1, s2). None: no hook."""
     pro, epi = pro or IDENTITY_PROLOGUE, epi or IDENTITY_EPILOGUE
     kernel = conv_fwd.make_conv_forward(pro.fn, epi.fn)
-    _, cost, _ = stage_kernel(conv_fwd.ConvForward, conv_shape(xs, node))
+    st = conv_hooked.ConvFwdHooked(conv_shape(xs, node), pro, epi)
     s, p, npro = node["stride"], node["padding"], len(pro_args)
 
     def fn(x, w, y, *hooks):
         kernel(x, w, y, s, p, pro.args(hooks[:npro]), epi.args(hooks[npro:]),
                numba.get_num_threads())
-    return fn, (x, w, y) + tuple(pro_args) + tuple(epi_args), cost, None
+    return fn, (x, w, y) + tuple(pro_args) + tuple(epi_args), st.cost(st.default), \
+        StageCall(st.name, st.descriptor(), st.default)
 
 
 def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args,
@@ -176,16 +178,16 @@ def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args,
     or SUMS: (x, s1, s2)); the output itself is left as computed, or added to dx."""
     pro, epi = pro or IDENTITY_PROLOGUE, epi or IDENTITY_EPILOGUE
     kernel = conv_bwd_data.make_conv_backward_data(pro.fn, epi.fn)
-    _, cost, _ = stage_kernel(conv_bwd_data.ConvBackwardData, conv_shape(xs, node))
-    cost = cost + Cost(0, pro.bytes(conv_out_shape(xs, node)) + epi.bytes(xs), 0)
-    if accumulate:
-        cost = cost + Cost(int(np.prod(xs)), int(np.prod(xs)) * F32, 0)
+    st = conv_hooked.ConvBwdDataHooked(conv_shape(xs, node), pro, epi)
+    cost, sc = st.cost(st.default), StageCall(st.name, st.descriptor(), st.default)
+    if accumulate:  # no stage of its own: the hooked conv's cost plus the read of dx
+        cost, sc = cost + Cost(int(np.prod(xs)), int(np.prod(xs)) * F32, 0), None
     s, p, npro = node["stride"], node["padding"], len(pro_args)
 
     def fn(dy, w, dx, *hooks):
         kernel(dy, w, dx, s, p, pro.args(hooks[:npro]), epi.args(hooks[npro:]),
                numba.get_num_threads(), accumulate)
-    return fn, (dy, w, dx) + tuple(pro_args) + tuple(epi_args), cost, None
+    return fn, (dy, w, dx) + tuple(pro_args) + tuple(epi_args), cost, sc
 
 
 def conv_bwd_1x1_fused_call(x, dy, w, dx, dw, xs, node, pro_x, px_args, pro_dy, pdy_args,

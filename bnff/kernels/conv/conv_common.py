@@ -199,13 +199,21 @@ class Hook:
     main-memory bytes it adds to the conv's. `reads_x`: the first array is the pre-BN tensor,
     read beside the conv's own operand (one more pass over a tensor of the hooked operand's
     shape). `sums`: the last two arrays are per-task float64 partial sums, zeroed before
-    every call."""
+    every call.
+
+    For the stages that time a hooked conv on its own (conv_hooked.py): `inputs(rng, shape)`
+    makes the float32 arrays the hook reads (all but the partial sums) for a hooked operand of
+    NHWC `shape`, and `ref` is the float64 reference: a prologue's ref(v, arrays) is the
+    operand as the conv sees it, an epilogue's ref(d, arrays) is (the output as the hook leaves
+    it, the merged sums (s1, s2) or () without sums)."""
 
     name: str
     fn: object
     pack: Callable = tuple
     reads_x: bool = False
     sums: bool = False
+    inputs: Callable = lambda rng, shape: ()
+    ref: Callable = None
 
     def args(self, arrays) -> tuple:
         if self.sums:
@@ -227,13 +235,39 @@ def pixels_first(arrays) -> tuple:
     return pixels(arrays[0]) + tuple(arrays[1:])
 
 
-IDENTITY_PROLOGUE = Hook("identity", identity_prologue)
-IDENTITY_EPILOGUE = Hook("identity", identity_epilogue)
-BN_RELU = Hook("bn_relu", bn_relu_prologue)
-BN_GRAD = Hook("bn_grad", bn_grad_prologue, flat_first, reads_x=True)
-CHANNEL_SUMS = Hook("stats", channel_sums_epilogue, sums=True)
-BIAS = Hook("bias", bias_epilogue)
-BIAS_SUMS = Hook("bias+stats", bias_sums_epilogue, sums=True)
+def coefficients(rng, c, n):
+    """n per-channel float32 vectors: the first in [0.5, 1.5], the others in [-0.5, 0.5]
+    (so a*x + b > 0 for about half of a standard-normal x)."""
+    return (rng.uniform(0.5, 1.5, c).astype(np.float32),) + tuple(
+        rng.uniform(-0.5, 0.5, c).astype(np.float32) for _ in range(n - 1))
+
+
+def tensor_and_coefficients(n):
+    """inputs() of a hook reading a second tensor of the operand's shape and n vectors."""
+    return lambda rng, shape: (rng.standard_normal(shape, dtype=np.float32),) + \
+        coefficients(rng, shape[3], n)
+
+
+def sums_of(g, x):
+    """Per-channel float64 sums of g and g * x over all pixels."""
+    g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    return g2.sum(0), (g2 * x2).sum(0)
+
+
+IDENTITY_PROLOGUE = Hook("identity", identity_prologue, ref=lambda v, a: v)
+IDENTITY_EPILOGUE = Hook("identity", identity_epilogue, ref=lambda d, a: (d, ()))
+BN_RELU = Hook("bn_relu", bn_relu_prologue, inputs=lambda rng, shape: coefficients(rng, shape[3], 2),
+               ref=lambda v, a: np.maximum(a[0] * v + a[1], 0))
+BN_GRAD = Hook("bn_grad", bn_grad_prologue, flat_first, reads_x=True,
+               inputs=tensor_and_coefficients(3),
+               ref=lambda v, a: a[1] * v + a[2] * a[0] + a[3])
+CHANNEL_SUMS = Hook("stats", channel_sums_epilogue, sums=True,
+                    ref=lambda d, a: (d, sums_of(d, d)))
+BIAS = Hook("bias", bias_epilogue, inputs=lambda rng, shape: coefficients(rng, shape[3], 2)[1:],
+            ref=lambda d, a: (d + a[0], ()))
+BIAS_SUMS = Hook("bias+stats", bias_sums_epilogue, sums=True,
+                 inputs=lambda rng, shape: coefficients(rng, shape[3], 2)[1:],
+                 ref=lambda d, a: (d + a[0], sums_of(d + a[0], d + a[0])))
 
 
 def stable(hook):

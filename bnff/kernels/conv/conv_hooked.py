@@ -1,0 +1,163 @@
+"""The hooked convs the bnff and bnff+ schedules run (bnff/lowering/ops_bnff.py), as stages, so
+`bnff micro NET` times them at the shapes and with the hooks NET's plans use:
+
+    conv_fwd_hooked       conv forward with a prologue on x and an epilogue on y
+    conv_bwd_data_hooked  conv backward-data with a prologue on dy and an epilogue on dx
+
+Shape keys as ConvForward, then the hooks by name: mb2ic8ih6iw5oc19kh3kw3sh1ph1_pro-bn_relu_epi-stats
+(PROLOGUES and EPILOGUES below name the conv_common.Hook objects). Inputs are the conv's and
+each hook's (Hook.inputs, for the operand it hooks); outputs the conv's, and for an epilogue
+with sums also s1, s2 (float64 [C], merged over the per-task partials p1, p2 after the call);
+the reference is the float64 conv between the hooks' Hook.ref. One variant, the engine the
+lowering compiles the hooks into (direct); the cost, which the lowering's step declares too, is
+the unhooked stage's plus the bytes the hooks read (Hook.bytes). The merge of p1, p2 into s1,
+s2 is the lowering's coefficient step, outside its conv step: timed here, it adds a
+[threads, C] sum to the conv.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from bnff.hooks.bnff_hooks import BN, BN_RELU_GRAD, RELU_SUMS, SUMS
+from bnff.kernels import reference as R
+from bnff.kernels.conv.conv_bwd_data import ConvBackwardData, make_conv_backward_data
+from bnff.kernels.conv.conv_common import (BIAS, BIAS_SUMS, BN_GRAD, BN_RELU, CHANNEL_SUMS,
+                                           IDENTITY_EPILOGUE, IDENTITY_PROLOGUE, from_ohwi)
+from bnff.kernels.conv.conv_fwd import ConvForward, make_conv_forward
+from bnff.kernels.stage import Cost, DescriptorError
+
+PROLOGUES = {h.name: h for h in (IDENTITY_PROLOGUE, BN_RELU, BN, BN_GRAD, BN_RELU_GRAD)}
+EPILOGUES = {h.name: h for h in (IDENTITY_EPILOGUE, CHANNEL_SUMS, BIAS, BIAS_SUMS, RELU_SUMS,
+                                 SUMS)}
+
+
+def _nchw(t):
+    return np.transpose(t, (0, 3, 1, 2))
+
+
+def _nhwc(t):
+    return np.transpose(t, (0, 2, 3, 1))
+
+
+class _Hooked:
+    """What both directions share; `base` is the unhooked stage (shape, conv cost, operands),
+    `src`/`dst` the names of the operand the prologue hooks and the output the epilogue does."""
+
+    base: type
+    src: str
+    dst: str
+
+    def __init__(self, shape: dict, pro=IDENTITY_PROLOGUE, epi=IDENTITY_EPILOGUE):
+        super().__init__(shape)
+        self.pro, self.epi = pro, epi
+
+    def descriptor(self) -> str:
+        return f"{super().descriptor()}_pro-{self.pro.name}_epi-{self.epi.name}"
+
+    @classmethod
+    def from_descriptor(cls, text):
+        conv, sep, hooks = text.partition("_pro-")
+        pro, sep2, epi = hooks.partition("_epi-")
+        st = super().from_descriptor(conv)  # DescriptorError for a bad conv shape
+        if not (sep and sep2) or pro not in PROLOGUES or epi not in EPILOGUES:
+            raise DescriptorError(
+                f"descriptor {text!r} does not fit stage {cls.name}: it ends "
+                f"_pro-P_epi-E with P one of {', '.join(PROLOGUES)} and E one of "
+                f"{', '.join(EPILOGUES)}")
+        st.pro, st.epi = PROLOGUES[pro], EPILOGUES[epi]
+        return st
+
+    def make_inputs(self, rng):
+        ins = self.base.make_inputs(self, rng)
+        out = self.base.allocate_outputs(self)[self.dst].shape
+        ins.update({f"pro{i}": a for i, a in enumerate(self.pro.inputs(rng, ins[self.src].shape))})
+        ins.update({f"epi{i}": a for i, a in enumerate(self.epi.inputs(rng, out))})
+        return ins
+
+    def allocate_outputs(self):
+        out = self.base.allocate_outputs(self)
+        if self.epi.sums:
+            c = out[self.dst].shape[3]
+            out.update(s1=np.empty(c), s2=np.empty(c),
+                       p1=np.empty((numba.config.NUMBA_NUM_THREADS, c)),
+                       p2=np.empty((numba.config.NUMBA_NUM_THREADS, c)))
+        return out
+
+    def hook_args(self, inputs, outputs):
+        """(prologue args, epilogue args) as the kernel takes them (Hook.args zeroes p1, p2)."""
+        pick = lambda tag: tuple(inputs[k] for k in sorted(k for k in inputs if k.startswith(tag)))
+        epi = pick("epi") + ((outputs["p1"], outputs["p2"]) if self.epi.sums else ())
+        return self.pro.args(pick("pro")), self.epi.args(epi)
+
+    def merge_sums(self, outputs, nt):
+        if self.epi.sums:
+            outputs["s1"][:] = outputs["p1"][:nt].sum(0)
+            outputs["s2"][:] = outputs["p2"][:nt].sum(0)
+
+    def hooked_reference(self, inputs, conv):
+        """The float64 prologue, conv (NCHW in, NCHW out) and epilogue."""
+        f64 = lambda tag: tuple(inputs[k].astype(np.float64)
+                                for k in sorted(k for k in inputs if k.startswith(tag)))
+        v = self.pro.ref(inputs[self.src].astype(np.float64), f64("pro"))
+        d, sums = self.epi.ref(_nhwc(conv(_nchw(v))), f64("epi"))
+        return {self.dst: d, **dict(zip(("s1", "s2"), sums))}
+
+    def cost(self, variant):
+        mb, ic, ih, iw, oc, _, _, oh, ow = self.dims()
+        shapes = {"x": (mb, ih, iw, ic), "y": (mb, oh, ow, oc), "dy": (mb, oh, ow, oc),
+                  "dx": (mb, ih, iw, ic)}
+        return self.base.cost(self, self.base.default) + Cost(
+            0, self.pro.bytes(shapes[self.src]) + self.epi.bytes(shapes[self.dst]), 0)
+
+
+def fwd_direct(st, inputs, outputs):
+    """The direct engine with the stage's hooks compiled in."""
+    nt = numba.get_num_threads()
+    make_conv_forward(st.pro.fn, st.epi.fn)(inputs["x"], inputs["w"], outputs["y"],
+                                           st.shape["sh"], st.shape["ph"],
+                                           *st.hook_args(inputs, outputs), nt)
+    st.merge_sums(outputs, nt)
+
+
+def bwd_data_direct(st, inputs, outputs):
+    """The direct engine (as make_conv_backward_data picks it) with the stage's hooks."""
+    nt = numba.get_num_threads()
+    make_conv_backward_data(st.pro.fn, st.epi.fn)(inputs["dy"], inputs["w"], outputs["dx"],
+                                                 st.shape["sh"], st.shape["ph"],
+                                                 *st.hook_args(inputs, outputs), nt)
+    st.merge_sums(outputs, nt)
+
+
+class ConvFwdHooked(_Hooked, ConvForward):
+    name = "conv_fwd_hooked"
+    base, src, dst = ConvForward, "x", "y"
+    variants = {"direct": fwd_direct}
+    default = "direct"
+    examples = ("mb2ic8ih6iw5oc19kh3kw3sh1ph1_pro-bn_relu_epi-stats",)
+
+    def run(self, variant, inputs, outputs):
+        self.variants[variant](self, inputs, outputs)
+
+    def reference(self, inputs):
+        w = from_ohwi(inputs["w"]).astype(np.float64)
+        return self.hooked_reference(
+            inputs, lambda x: R.conv2d_forward(x, w, self.shape["sh"], self.shape["ph"]))
+
+
+class ConvBwdDataHooked(_Hooked, ConvBackwardData):
+    name = "conv_bwd_data_hooked"
+    base, src, dst = ConvBackwardData, "dy", "dx"
+    variants = {"direct": bwd_data_direct}
+    default = "direct"
+    examples = ("mb2ic19ih6iw5oc8kh3kw3sh1ph1_pro-bn_relu_grad_epi-relu_sums",)
+
+    def run(self, variant, inputs, outputs):
+        self.variants[variant](self, inputs, outputs)
+
+    def reference(self, inputs):
+        mb, ic, ih, iw = self.dims()[:4]
+        w = from_ohwi(inputs["w"]).astype(np.float64)
+        return self.hooked_reference(
+            inputs, lambda dy: R.conv2d_backward(dy, np.zeros((mb, ic, ih, iw)), w,
+                                                 self.shape["sh"], self.shape["ph"])[0])
