@@ -108,7 +108,8 @@ def untimed(plans) -> str:
             b = sum(s.cost.bytes for s in steps)
             lines.append(f"{name}: {len(steps)} of {len(plan.steps)} steps "
                          f"({100 * b / max(plan.cost().bytes, 1):.0f}% of its bytes) run no "
-                         "registered stage (hooked convs, coefficient merges): not timed")
+                         "registered stage (accumulating or one-pass hooked convs, coefficient "
+                         "merges): not timed")
     return "\n".join(lines)
 
 
@@ -280,7 +281,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("micro", help="time every stage shape of a network's training iteration",
                        description="Time every distinct (stage, shape) the schedules' plans run in "
                                    "one training iteration of NET (steps with no registered "
-                                   "stage, the BN-hooked convs, are counted and reported), each "
+                                   "stage are counted and reported), each "
                                    "variant validated against the float64 reference first; "
                                    "roofline figures are measured in "
                                    "the same run. Run it with nothing else busy on the machine. "

@@ -160,7 +160,7 @@ def conv_fwd_fused_call(x, w, y, xs, node, pro, pro_args, epi, epi_args):
     (epi, epi_args = per-task partial sums s1, s2). None: no hook."""
     pro, epi = pro or IDENTITY_PROLOGUE, epi or IDENTITY_EPILOGUE
     kernel = conv_fwd.make_conv_forward(pro.fn, epi.fn)
-    st = conv_hooked.ConvFwdHooked(conv_shape(xs, node), pro, epi)
+    st = conv_hooked.ConvFwdHooked(conv_shape(xs, node), pro, epi).planned()
     s, p, npro = node["stride"], node["padding"], len(pro_args)
 
     def fn(x, w, y, *hooks):
@@ -178,7 +178,7 @@ def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args,
     or SUMS: (x, s1, s2)); the output itself is left as computed, or added to dx."""
     pro, epi = pro or IDENTITY_PROLOGUE, epi or IDENTITY_EPILOGUE
     kernel = conv_bwd_data.make_conv_backward_data(pro.fn, epi.fn)
-    st = conv_hooked.ConvBwdDataHooked(conv_shape(xs, node), pro, epi)
+    st = conv_hooked.ConvBwdDataHooked(conv_shape(xs, node), pro, epi).planned()
     cost, sc = st.cost(st.default), StageCall(st.name, st.descriptor(), st.default)
     if accumulate:  # no stage of its own: the hooked conv's cost plus the read of dx
         cost, sc = cost + Cost(int(np.prod(xs)), int(np.prod(xs)) * F32, 0), None
@@ -216,14 +216,14 @@ def conv_bwd_weights_fused_call(x, dy, dw, xs, node, pro_x, px_args, pro_dy, pdy
     pre-BN tensor) and forming its incoming gradient in the other (BN_GRAD, BN_RELU_GRAD)."""
     pro_x, pro_dy = pro_x or IDENTITY_PROLOGUE, pro_dy or IDENTITY_PROLOGUE
     kernel = conv_bwd_weights.make_conv_backward_weights(pro_x.fn, pro_dy.fn)
-    _, cost, _ = stage_kernel(conv_bwd_weights.ConvBackwardWeights, conv_shape(xs, node))
-    cost = cost + Cost(0, pro_dy.bytes(conv_out_shape(xs, node)), 0)
+    st = conv_hooked.ConvBwdWeightsHooked(conv_shape(xs, node), pro_x, pro_dy).planned()
     s, p, nx = node["stride"], node["padding"], len(px_args)
 
     def fn(x, dy, dw, *hooks):
         kernel(x, dy, dw, s, p, pro_x.args(hooks[:nx]), pro_dy.args(hooks[nx:]),
                numba.get_num_threads())
-    return fn, (x, dy, dw) + tuple(px_args) + tuple(pdy_args), cost, None
+    return fn, (x, dy, dw) + tuple(px_args) + tuple(pdy_args), st.cost(st.default), \
+        StageCall(st.name, st.descriptor(), st.default)
 
 
 def conv_out_shape(xs, node):

@@ -12,10 +12,11 @@ other tensor lives from its first step to its last.
 
 A step that runs one registered stage's variant exactly, at the cost that stage declares,
 records it (`StageCall`: stage name, shape descriptor, variant), so `bnff micro` times the
-distinct steps of a plan from the registry alone (bnff/kernels/registry.py). A forward or
-backward-data conv with hooks records its conv_hooked stage (bnff/kernels/conv/conv_hooked.py),
-unless it accumulates into its output; steps that compose kernels otherwise (the other hooked
-convs, the per-channel coefficient merges) record none.
+distinct steps of a plan from the registry alone (bnff/kernels/registry.py). A conv with
+hooks, in any direction, records its conv_hooked stage (bnff/kernels/conv/conv_hooked.py; with
+identity hooks only, the plain conv stage), unless it accumulates into its output; steps that
+compose kernels otherwise (a backward-data conv adding into its output, the hooked one-pass 1x1
+backward, the per-channel coefficient merges) record none.
 """
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
 """The hooked convs the bnff and bnff+ schedules run (bnff/lowering/ops_bnff.py), as stages, so
 `bnff micro NET` times them at the shapes and with the hooks NET's plans use:
 
-    conv_fwd_hooked       conv forward with a prologue on x and an epilogue on y
-    conv_bwd_data_hooked  conv backward-data with a prologue on dy and an epilogue on dx
+    conv_fwd_hooked          conv forward with a prologue on x and an epilogue on y
+    conv_bwd_data_hooked     conv backward-data with a prologue on dy and an epilogue on dx
+    conv_bwd_weights_hooked  conv backward-weights with a prologue on x and one on dy
 
-Shape keys as ConvForward, then the hooks by name: mb2ic8ih6iw5oc19kh3kw3sh1ph1_pro-bn_relu_epi-stats
-(PROLOGUES and EPILOGUES below name the conv_common.Hook objects). Inputs are the conv's and
+Shape keys as ConvForward, then the hooks by name: mb2ic8ih6iw5oc19kh3kw3sh1ph1_pro-bn_relu_epi-stats,
+mb2ic8ih6iw5oc19kh3kw3sh1ph1_prox-bn_relu_prody-bn_relu_grad (PROLOGUES and EPILOGUES below
+name the conv_common.Hook objects). A conv with identity hooks only is the unhooked stage's
+default kernel, and `planned()` gives that stage, so one conv has one name in every plan. Inputs are the conv's and
 each hook's (Hook.inputs, for the operand it hooks); outputs the conv's, and for an epilogue
 with sums also s1, s2 (float64 [C], merged over the per-task partials p1, p2 after the call);
 the reference is the float64 conv between the hooks' Hook.ref. One variant, the engine the
@@ -22,6 +25,7 @@ import numpy as np
 from bnff.hooks.bnff_hooks import BN, BN_RELU_GRAD, RELU_SUMS, SUMS
 from bnff.kernels import reference as R
 from bnff.kernels.conv.conv_bwd_data import ConvBackwardData, make_conv_backward_data
+from bnff.kernels.conv.conv_bwd_weights import ConvBackwardWeights, make_conv_backward_weights
 from bnff.kernels.conv.conv_common import (BIAS, BIAS_SUMS, BN_GRAD, BN_RELU, CHANNEL_SUMS,
                                            IDENTITY_EPILOGUE, IDENTITY_PROLOGUE, from_ohwi)
 from bnff.kernels.conv.conv_fwd import ConvForward, make_conv_forward
@@ -54,6 +58,12 @@ class _Hooked:
 
     def descriptor(self) -> str:
         return f"{super().descriptor()}_pro-{self.pro.name}_epi-{self.epi.name}"
+
+    def planned(self):
+        """The stage a plan records for this conv: the unhooked one when both hooks are
+        identities (the same kernel as its default variant), else this one."""
+        plain = self.pro is IDENTITY_PROLOGUE and self.epi is IDENTITY_EPILOGUE
+        return self.base(self.shape) if plain else self
 
     @classmethod
     def from_descriptor(cls, text):
@@ -161,3 +171,70 @@ class ConvBwdDataHooked(_Hooked, ConvBackwardData):
         return self.hooked_reference(
             inputs, lambda dy: R.conv2d_backward(dy, np.zeros((mb, ic, ih, iw)), w,
                                                  self.shape["sh"], self.shape["ph"])[0])
+
+
+def bww_direct(st, inputs, outputs):
+    """The direct backward-weights engine with the stage's two prologues compiled in."""
+    pick = lambda tag: tuple(inputs[k] for k in sorted(k for k in inputs if k.startswith(tag)))
+    make_conv_backward_weights(st.pro_x.fn, st.pro_dy.fn)(
+        inputs["x"], inputs["dy"], outputs["dw"], st.shape["sh"], st.shape["ph"],
+        st.pro_x.args(pick("px")), st.pro_dy.args(pick("pdy")), numba.get_num_threads())
+
+
+class ConvBwdWeightsHooked(ConvBackwardWeights):
+    """Backward-weights recomputing x from the pre-BN tensor in one prologue (pro_x: BN_RELU)
+    and forming dy, the BN input gradient, in the other (pro_dy: BN_GRAD, BN_RELU_GRAD).
+    Inputs x, dy, then px0.. (pro_x's) and pdy0.. (pro_dy's). Cost as the lowering counts it:
+    the plain conv's plus the bytes pro_dy reads (pro_x reads two [C] vectors)."""
+
+    name = "conv_bwd_weights_hooked"
+    variants = {"direct": bww_direct}
+    default = "direct"
+    examples = ("mb2ic8ih6iw5oc19kh3kw3sh1ph1_prox-bn_relu_prody-bn_relu_grad",)
+
+    def __init__(self, shape: dict, pro_x=IDENTITY_PROLOGUE, pro_dy=IDENTITY_PROLOGUE):
+        super().__init__(shape)
+        self.pro_x, self.pro_dy = pro_x, pro_dy
+
+    def descriptor(self) -> str:
+        return f"{super().descriptor()}_prox-{self.pro_x.name}_prody-{self.pro_dy.name}"
+
+    @classmethod
+    def from_descriptor(cls, text):
+        conv, sep, hooks = text.partition("_prox-")
+        pro_x, sep2, pro_dy = hooks.partition("_prody-")
+        st = super().from_descriptor(conv)  # DescriptorError for a bad conv shape
+        if not (sep and sep2) or pro_x not in PROLOGUES or pro_dy not in PROLOGUES:
+            raise DescriptorError(
+                f"descriptor {text!r} does not fit stage {cls.name}: it ends "
+                f"_prox-P_prody-Q with P and Q each one of {', '.join(PROLOGUES)}")
+        st.pro_x, st.pro_dy = PROLOGUES[pro_x], PROLOGUES[pro_dy]
+        return st
+
+    def planned(self):
+        """As _Hooked.planned: the plain backward-weights stage when both prologues are
+        identities."""
+        plain = self.pro_x is IDENTITY_PROLOGUE and self.pro_dy is IDENTITY_PROLOGUE
+        return ConvBackwardWeights(self.shape) if plain else self
+
+    def make_inputs(self, rng):
+        ins = super().make_inputs(rng)
+        ins.update({f"px{i}": a for i, a in enumerate(self.pro_x.inputs(rng, ins["x"].shape))})
+        ins.update({f"pdy{i}": a
+                    for i, a in enumerate(self.pro_dy.inputs(rng, ins["dy"].shape))})
+        return ins
+
+    def run(self, variant, inputs, outputs):
+        self.variants[variant](self, inputs, outputs)
+
+    def reference(self, inputs):
+        f64 = lambda tag: tuple(inputs[k].astype(np.float64)
+                                for k in sorted(k for k in inputs if k.startswith(tag)))
+        x = self.pro_x.ref(inputs["x"].astype(np.float64), f64("px"))
+        dy = self.pro_dy.ref(inputs["dy"].astype(np.float64), f64("pdy"))
+        return super().reference({"x": x, "dy": dy})
+
+    def cost(self, variant):
+        mb, _, _, _, oc, _, _, oh, ow = self.dims()
+        return ConvBackwardWeights.cost(self, ConvBackwardWeights.default) + Cost(
+            0, self.pro_dy.bytes((mb, oh, ow, oc)), 0)
