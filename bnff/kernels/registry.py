@@ -33,8 +33,6 @@ UNPLANNED = {  # registered stages no plan records: name -> what they are regist
     "conv_fwd_bn_relu": "a bnff forward site, separate passes beside the fused conv",
     "conv_bwd_data_relu_sums": "a bnff backward-data site, separate passes beside the fused "
                                "conv",
-    "conv_bwd_1x1": "a 1x1 conv's two gradients, two kernels beside one pass (the plans run "
-                    "it with hooks, as a step of no stage)",
 }
 
 

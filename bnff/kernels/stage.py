@@ -86,6 +86,9 @@ class Stage:
     tolerance: float = 1e-4  # max relative error against the float64 reference
     eps: float | None = None  # BN's eps, for stages whose math uses it (then a shape key)
     examples: tuple = ()      # small descriptors every variant is validated at (tests)
+    # outputs a variant adds into, each -> the input it starts from (validation and micro set
+    # it from that input; every other output starts as NaN, so an unwritten element shows)
+    accumulates: dict = {}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -178,10 +178,8 @@ def conv_bwd_data_fused_call(dy, w, dx, xs, node, pro, pro_args, epi, epi_args,
     or SUMS: (x, s1, s2)); the output itself is left as computed, or added to dx."""
     pro, epi = pro or IDENTITY_PROLOGUE, epi or IDENTITY_EPILOGUE
     kernel = conv_bwd_data.make_conv_backward_data(pro.fn, epi.fn)
-    st = conv_hooked.ConvBwdDataHooked(conv_shape(xs, node), pro, epi).planned()
+    st = conv_hooked.ConvBwdDataHooked(conv_shape(xs, node), pro, epi, accumulate).planned()
     cost, sc = st.cost(st.default), StageCall(st.name, st.descriptor(), st.default)
-    if accumulate:  # no stage of its own: the hooked conv's cost plus the read of dx
-        cost, sc = cost + Cost(int(np.prod(xs)), int(np.prod(xs)) * F32, 0), None
     s, p, npro = node["stride"], node["padding"], len(pro_args)
 
     def fn(dy, w, dx, *hooks):
@@ -197,18 +195,16 @@ def conv_bwd_1x1_fused_call(x, dy, w, dx, dw, xs, node, pro_x, px_args, pro_dy, 
     pro_x, pro_dy = pro_x or IDENTITY_PROLOGUE, pro_dy or IDENTITY_PROLOGUE
     epi = epi or IDENTITY_EPILOGUE
     kernel = conv_bwd_fused.make_conv_backward_1x1(pro_dy.fn, pro_x.fn, epi.fn)
-    cost = conv_bwd_fused.ConvBackward1x1(conv_shape(xs, node)).cost("one_pass")
-    cost = cost + Cost(0, pro_dy.bytes(conv_out_shape(xs, node)) + epi.bytes(xs), 0)
-    if accumulate:
-        cost = cost + Cost(int(np.prod(xs)), int(np.prod(xs)) * F32, 0)
+    st = conv_hooked.ConvBwd1x1Hooked(conv_shape(xs, node), pro_x, pro_dy, epi,
+                                      accumulate).planned()
     s, npx, npdy = node["stride"], len(px_args), len(pdy_args)
 
     def fn(x, dy, w, dx, dw, *hooks):
         kernel(x, dy, w, dx, dw, s, pro_dy.args(hooks[npx:npx + npdy]),
                pro_x.args(hooks[:npx]), epi.args(hooks[npx + npdy:]),
                numba.get_num_threads(), accumulate)
-    return fn, (x, dy, w, dx, dw) + tuple(px_args) + tuple(pdy_args) + tuple(epi_args), cost, \
-        None
+    return fn, (x, dy, w, dx, dw) + tuple(px_args) + tuple(pdy_args) + tuple(epi_args), \
+        st.cost(st.default), StageCall(st.name, st.descriptor(), st.default)
 
 
 def conv_bwd_weights_fused_call(x, dy, dw, xs, node, pro_x, px_args, pro_dy, pdy_args):

@@ -13,10 +13,11 @@ other tensor lives from its first step to its last.
 A step that runs one registered stage's variant exactly, at the cost that stage declares,
 records it (`StageCall`: stage name, shape descriptor, variant), so `bnff micro` times the
 distinct steps of a plan from the registry alone (bnff/kernels/registry.py). A conv with
-hooks, in any direction, records its conv_hooked stage (bnff/kernels/conv/conv_hooked.py; with
-identity hooks only, the plain conv stage), unless it accumulates into its output; steps that
-compose kernels otherwise (a backward-data conv adding into its output, the hooked one-pass 1x1
-backward, the per-channel coefficient merges) record none.
+hooks, in any direction and in the one-pass 1x1 backward, records its conv_hooked stage
+(bnff/kernels/conv/conv_hooked.py; with identity hooks only, the plain conv stage; adding into
+its output, the _acc form); steps that compose kernels otherwise (the per-channel coefficient
+merges, fission's statistics, the residual add's backward) record none, and micro counts
+them.
 """
 from __future__ import annotations
 

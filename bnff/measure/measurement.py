@@ -39,11 +39,15 @@ class ValidationError(Exception):
     """A variant's output differs from the float64 reference by more than its tolerance."""
 
 
-def fresh_outputs(stage) -> dict:
-    """The stage's outputs, newly allocated and filled with NaN (integer arrays with -1)."""
+def fresh_outputs(stage, inputs=None) -> dict:
+    """The stage's outputs, newly allocated and filled with NaN (integer arrays with -1),
+    except those it adds into (stage.accumulates), which start as their input's values."""
     out = stage.allocate_outputs()
-    for a in out.values():
-        a.fill(np.nan if a.dtype.kind == "f" else -1)
+    for name, a in out.items():
+        if name in stage.accumulates:
+            a[...] = inputs[stage.accumulates[name]]
+        else:
+            a.fill(np.nan if a.dtype.kind == "f" else -1)
     return out
 
 
@@ -58,7 +62,7 @@ def validate(stage, variants, inputs, run=None) -> dict:
     run = run or stage.run
     errors = {}
     for v in variants:
-        outputs = fresh_outputs(stage)
+        outputs = fresh_outputs(stage, inputs)
         run(v, inputs, outputs)
         for name in ref:
             o = outputs[name]

@@ -101,7 +101,7 @@ def check(st, variant: str, inputs: dict, ref: dict) -> tuple:
     """(outputs, max relative error, seconds of the first call): the variant run once into
     fresh outputs filled with NaN (so an element it leaves unwritten fails), compiling it;
     ValidationError if it misses the stage's tolerance."""
-    outputs = fresh_outputs(st)
+    outputs = fresh_outputs(st, inputs)
     t0 = time.perf_counter()
     st.run(variant, inputs, outputs)
     first = time.perf_counter() - t0

@@ -4,11 +4,17 @@
     conv_fwd_hooked          conv forward with a prologue on x and an epilogue on y
     conv_bwd_data_hooked     conv backward-data with a prologue on dy and an epilogue on dx
     conv_bwd_weights_hooked  conv backward-weights with a prologue on x and one on dy
+    conv_bwd_1x1_hooked      both gradients of a 1x1 conv in one pass, prologues on x and dy,
+                             an epilogue on dx
 
 Shape keys as ConvForward, then the hooks by name: mb2ic8ih6iw5oc19kh3kw3sh1ph1_pro-bn_relu_epi-stats,
-mb2ic8ih6iw5oc19kh3kw3sh1ph1_prox-bn_relu_prody-bn_relu_grad (PROLOGUES and EPILOGUES below
-name the conv_common.Hook objects). A conv with identity hooks only is the unhooked stage's
-default kernel, and `planned()` gives that stage, so one conv has one name in every plan. Inputs are the conv's and
+mb2ic8ih6iw5oc19kh3kw3sh1ph1_prox-bn_relu_prody-bn_relu_grad,
+mb2ic16ih7iw7oc8kh1kw1sh1ph0_prox-bn_relu_prody-bn_grad_epi-relu_sums (PROLOGUES and EPILOGUES below
+name the conv_common.Hook objects). A backward-data conv that adds into its output ends _acc:
+dx starts as the input dx0 (Stage.accumulates), the conv is added to it and the epilogue sees
+the sum, as in the DenseNet plans where several consumers' gradients meet. A conv with identity
+hooks only (and no _acc) is the unhooked stage's default kernel, and `planned()` gives that
+stage, so one conv has one name in every plan. Inputs are the conv's and
 each hook's (Hook.inputs, for the operand it hooks); outputs the conv's, and for an epilogue
 with sums also s1, s2 (float64 [C], merged over the per-task partials p1, p2 after the call);
 the reference is the float64 conv between the hooks' Hook.ref. One variant, the engine the
@@ -25,11 +31,12 @@ import numpy as np
 from bnff.hooks.bnff_hooks import BN, BN_RELU_GRAD, RELU_SUMS, SUMS
 from bnff.kernels import reference as R
 from bnff.kernels.conv.conv_bwd_data import ConvBackwardData, make_conv_backward_data
+from bnff.kernels.conv.conv_bwd_fused import ConvBackward1x1, make_conv_backward_1x1
 from bnff.kernels.conv.conv_bwd_weights import ConvBackwardWeights, make_conv_backward_weights
 from bnff.kernels.conv.conv_common import (BIAS, BIAS_SUMS, BN_GRAD, BN_RELU, CHANNEL_SUMS,
                                            IDENTITY_EPILOGUE, IDENTITY_PROLOGUE, from_ohwi)
 from bnff.kernels.conv.conv_fwd import ConvForward, make_conv_forward
-from bnff.kernels.stage import Cost, DescriptorError
+from bnff.kernels.stage import F32, Cost, DescriptorError
 
 PROLOGUES = {h.name: h for h in (IDENTITY_PROLOGUE, BN_RELU, BN, BN_GRAD, BN_RELU_GRAD)}
 EPILOGUES = {h.name: h for h in (IDENTITY_EPILOGUE, CHANNEL_SUMS, BIAS, BIAS_SUMS, RELU_SUMS,
@@ -105,12 +112,12 @@ class _Hooked:
             outputs["s1"][:] = outputs["p1"][:nt].sum(0)
             outputs["s2"][:] = outputs["p2"][:nt].sum(0)
 
-    def hooked_reference(self, inputs, conv):
-        """The float64 prologue, conv (NCHW in, NCHW out) and epilogue."""
+    def hooked_reference(self, inputs, conv, start=0.0):
+        """The float64 prologue, conv (NCHW in, NCHW out) added to `start`, and epilogue."""
         f64 = lambda tag: tuple(inputs[k].astype(np.float64)
                                 for k in sorted(k for k in inputs if k.startswith(tag)))
         v = self.pro.ref(inputs[self.src].astype(np.float64), f64("pro"))
-        d, sums = self.epi.ref(_nhwc(conv(_nchw(v))), f64("epi"))
+        d, sums = self.epi.ref(start + _nhwc(conv(_nchw(v))), f64("epi"))
         return {self.dst: d, **dict(zip(("s1", "s2"), sums))}
 
     def cost(self, variant):
@@ -131,11 +138,12 @@ def fwd_direct(st, inputs, outputs):
 
 
 def bwd_data_direct(st, inputs, outputs):
-    """The direct engine (as make_conv_backward_data picks it) with the stage's hooks."""
+    """The direct engine (as make_conv_backward_data picks it) with the stage's hooks, adding
+    into dx when the stage accumulates."""
     nt = numba.get_num_threads()
     make_conv_backward_data(st.pro.fn, st.epi.fn)(inputs["dy"], inputs["w"], outputs["dx"],
                                                  st.shape["sh"], st.shape["ph"],
-                                                 *st.hook_args(inputs, outputs), nt)
+                                                 *st.hook_args(inputs, outputs), nt, st.acc)
     st.merge_sums(outputs, nt)
 
 
@@ -160,7 +168,34 @@ class ConvBwdDataHooked(_Hooked, ConvBackwardData):
     base, src, dst = ConvBackwardData, "dy", "dx"
     variants = {"direct": bwd_data_direct}
     default = "direct"
-    examples = ("mb2ic19ih6iw5oc8kh3kw3sh1ph1_pro-bn_relu_grad_epi-relu_sums",)
+    examples = ("mb2ic19ih6iw5oc8kh3kw3sh1ph1_pro-bn_relu_grad_epi-relu_sums",
+                "mb2ic19ih6iw5oc8kh3kw3sh1ph1_pro-bn_relu_grad_epi-relu_sums_acc")
+    ACC = "_acc"
+
+    def __init__(self, shape: dict, pro=IDENTITY_PROLOGUE, epi=IDENTITY_EPILOGUE, acc=False):
+        super().__init__(shape, pro, epi)
+        self.acc = acc
+        self.accumulates = {"dx": "dx0"} if acc else {}
+
+    def descriptor(self) -> str:
+        return super().descriptor() + (self.ACC if self.acc else "")
+
+    @classmethod
+    def from_descriptor(cls, text):
+        acc = text.endswith(cls.ACC)
+        st = super().from_descriptor(text[:-len(cls.ACC)] if acc else text)
+        st.acc, st.accumulates = acc, ({"dx": "dx0"} if acc else {})
+        return st
+
+    def planned(self):
+        return self if self.acc else super().planned()
+
+    def make_inputs(self, rng):
+        ins = super().make_inputs(rng)
+        if self.acc:
+            ins["dx0"] = rng.standard_normal(self.base.allocate_outputs(self)["dx"].shape,
+                                             dtype=np.float32)
+        return ins
 
     def run(self, variant, inputs, outputs):
         self.variants[variant](self, inputs, outputs)
@@ -168,9 +203,19 @@ class ConvBwdDataHooked(_Hooked, ConvBackwardData):
     def reference(self, inputs):
         mb, ic, ih, iw = self.dims()[:4]
         w = from_ohwi(inputs["w"]).astype(np.float64)
+        start = inputs["dx0"].astype(np.float64) if self.acc else 0.0
         return self.hooked_reference(
             inputs, lambda dy: R.conv2d_backward(dy, np.zeros((mb, ic, ih, iw)), w,
-                                                 self.shape["sh"], self.shape["ph"])[0])
+                                                 self.shape["sh"], self.shape["ph"])[0], start)
+
+    def cost(self, variant):
+        """The hooked conv's, plus, when it accumulates, the read of dx and one add per
+        element."""
+        c = super().cost(variant)
+        if self.acc:
+            n = int(np.prod(self.base.allocate_outputs(self)["dx"].shape))
+            c = c + Cost(n, n * F32, 0)
+        return c
 
 
 def bww_direct(st, inputs, outputs):
@@ -238,3 +283,109 @@ class ConvBwdWeightsHooked(ConvBackwardWeights):
         mb, _, _, _, oc, _, _, oh, ow = self.dims()
         return ConvBackwardWeights.cost(self, ConvBackwardWeights.default) + Cost(
             0, self.pro_dy.bytes((mb, oh, ow, oc)), 0)
+
+
+def one_pass_hooked(st, inputs, outputs):
+    """The one-pass 1x1 backward with the stage's three hooks compiled in, adding into dx when
+    the stage accumulates."""
+    nt = numba.get_num_threads()
+    pick = lambda tag: tuple(inputs[k] for k in sorted(k for k in inputs if k.startswith(tag)))
+    epi = pick("epi") + ((outputs["p1"], outputs["p2"]) if st.epi.sums else ())
+    make_conv_backward_1x1(st.pro_dy.fn, st.pro_x.fn, st.epi.fn)(
+        inputs["x"], inputs["dy"], inputs["w"], outputs["dx"], outputs["dw"], st.shape["sh"],
+        st.pro_dy.args(pick("pdy")), st.pro_x.args(pick("px")), st.epi.args(epi), nt, st.acc)
+    if st.epi.sums:
+        outputs["s1"][:] = outputs["p1"][:nt].sum(0)
+        outputs["s2"][:] = outputs["p2"][:nt].sum(0)
+
+
+class ConvBwd1x1Hooked(ConvBackward1x1):
+    """Both gradients of a 1x1 conv in one pass over dy (conv_bwd_fused), with x recomputed
+    by pro_x, dy formed by pro_dy and dx's epilogue epi, adding into dx when it ends _acc.
+    Inputs x, dy, w, px0.., pdy0.., epi0.. (and dx0); outputs dx, dw (and s1, s2 with their
+    per-task partials p1, p2, as conv_fwd_hooked). Cost as the lowering counts it: the plain
+    one pass's, plus the bytes pro_dy and epi read, plus the read of dx when accumulating."""
+
+    name = "conv_bwd_1x1_hooked"
+    variants = {"one_pass": one_pass_hooked}
+    default = "one_pass"
+    examples = ("mb2ic16ih7iw7oc8kh1kw1sh1ph0_prox-bn_relu_prody-bn_grad_epi-relu_sums",
+                "mb2ic16ih7iw7oc8kh1kw1sh1ph0_prox-bn_relu_prody-bn_grad_epi-relu_sums_acc")
+    ACC = "_acc"
+
+    def __init__(self, shape: dict, pro_x=IDENTITY_PROLOGUE, pro_dy=IDENTITY_PROLOGUE,
+                 epi=IDENTITY_EPILOGUE, acc=False):
+        super().__init__(shape)
+        self.pro_x, self.pro_dy, self.epi, self.acc = pro_x, pro_dy, epi, acc
+        self.accumulates = {"dx": "dx0"} if acc else {}
+
+    def descriptor(self) -> str:
+        return (f"{ConvForward.descriptor(self)}_prox-{self.pro_x.name}"
+                f"_prody-{self.pro_dy.name}_epi-{self.epi.name}" + (self.ACC if self.acc else ""))
+
+    @classmethod
+    def from_descriptor(cls, text):
+        acc = text.endswith(cls.ACC)
+        body = text[:-len(cls.ACC)] if acc else text
+        conv, sep, hooks = body.partition("_prox-")
+        pro_x, sep2, rest = hooks.partition("_prody-")
+        pro_dy, sep3, epi = rest.partition("_epi-")
+        st = super(ConvBackward1x1, cls).from_descriptor(conv)  # DescriptorError: bad shape
+        if not (sep and sep2 and sep3) or pro_x not in PROLOGUES or pro_dy not in PROLOGUES \
+                or epi not in EPILOGUES:
+            raise DescriptorError(
+                f"descriptor {text!r} does not fit stage {cls.name}: it ends "
+                f"_prox-P_prody-Q_epi-E (then _acc when it adds into dx) with P and Q each one "
+                f"of {', '.join(PROLOGUES)} and E one of {', '.join(EPILOGUES)}")
+        st.pro_x, st.pro_dy, st.epi = PROLOGUES[pro_x], PROLOGUES[pro_dy], EPILOGUES[epi]
+        st.acc, st.accumulates = acc, ({"dx": "dx0"} if acc else {})
+        return st
+
+    def planned(self):
+        """The plain conv_bwd_1x1 stage when every hook is an identity and dx is not added
+        into (the same kernel as its one_pass variant), else this one."""
+        plain = (self.pro_x, self.pro_dy, self.epi) == \
+            (IDENTITY_PROLOGUE, IDENTITY_PROLOGUE, IDENTITY_EPILOGUE) and not self.acc
+        return ConvBackward1x1(self.shape) if plain else self
+
+    def make_inputs(self, rng):
+        ins = super().make_inputs(rng)
+        dx = ins["x"].shape
+        ins.update({f"px{i}": a for i, a in enumerate(self.pro_x.inputs(rng, dx))})
+        ins.update({f"pdy{i}": a for i, a in enumerate(self.pro_dy.inputs(rng, ins["dy"].shape))})
+        ins.update({f"epi{i}": a for i, a in enumerate(self.epi.inputs(rng, dx))})
+        if self.acc:
+            ins["dx0"] = rng.standard_normal(dx, dtype=np.float32)
+        return ins
+
+    def allocate_outputs(self):
+        out = super().allocate_outputs()
+        if self.epi.sums:
+            c = out["dx"].shape[3]
+            out.update(s1=np.empty(c), s2=np.empty(c),
+                       p1=np.empty((numba.config.NUMBA_NUM_THREADS, c)),
+                       p2=np.empty((numba.config.NUMBA_NUM_THREADS, c)))
+        return out
+
+    def run(self, variant, inputs, outputs):
+        self.variants[variant](self, inputs, outputs)
+
+    def reference(self, inputs):
+        f64 = lambda tag: tuple(inputs[k].astype(np.float64)
+                                for k in sorted(k for k in inputs if k.startswith(tag)))
+        x = self.pro_x.ref(inputs["x"].astype(np.float64), f64("px"))
+        g = self.pro_dy.ref(inputs["dy"].astype(np.float64), f64("pdy"))
+        dx, dw = R.conv2d_backward(_nchw(g), _nchw(x), from_ohwi(inputs["w"]).astype(np.float64),
+                                   self.shape["sh"], 0)
+        start = inputs["dx0"].astype(np.float64) if self.acc else 0.0
+        d, sums = self.epi.ref(start + _nhwc(dx), f64("epi"))
+        return {"dx": d, "dw": _nhwc(dw), **dict(zip(("s1", "s2"), sums))}
+
+    def cost(self, variant):
+        mb, ic, ih, iw, oc, _, _, oh, ow = self.dims()
+        c = ConvBackward1x1.cost(self, "one_pass") + Cost(
+            0, self.pro_dy.bytes((mb, oh, ow, oc)) + self.epi.bytes((mb, ih, iw, ic)), 0)
+        if self.acc:
+            n = mb * ih * iw * ic
+            c = c + Cost(n, n * F32, 0)
+        return c
