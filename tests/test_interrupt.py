@@ -142,10 +142,13 @@ def test_resume_skips_only_what_was_measured_with_the_same_settings(tmp_path, ca
 
 
 def test_micro_sigterm_keeps_each_finished_stage(tmp_path):
+    # shapes and rounds that make the stages after the first row take seconds (micro caps
+    # rounds at 50 x --reps, so --min-time alone does not): at batch 2, 16x16 and --reps 1 the
+    # run once ended 0.4 s after its first row, before the signal landed, with exit 0
     out = tmp_path / "micro.csv"
-    argv = ["micro", EXAMPLE, "--batch", "2", "--image", "16", "--threads", "1",
+    argv = ["micro", EXAMPLE, "--batch", "16", "--image", "64", "--threads", "1",
             "--stage", "relu_fwd,relu_bwd,add,bn_stats,bn_relu", "--min-time", "0.3",
-            "--array-mib", "1", "--gemm-n", "64", "--reps", "1", "--csv", str(out)]
+            "--array-mib", "1", "--gemm-n", "64", "--reps", "3", "--csv", str(out)]
     code, seconds, err = interrupt_when(argv, str(out), lambda rows: len(rows) > 0,
                                         signal.SIGTERM)
     assert code == 143 and seconds < 10, (code, seconds, err)
