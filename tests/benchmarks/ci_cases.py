@@ -35,13 +35,15 @@ TIMED = dict(batch=4, image=224)
 CHECK = dict(batch=2, image=32)
 FAMILIES = ("conv", "bn", "elementwise", "pool", "linear_loss")
 SHAPE_OF_BN_INPUT = "bn_stats"  # stage whose chosen shape the unlisted BN passes take
-# Registered stages that no plan records (registry.UNPLANNED: the whole split of a concat's
-# gradient, the separate-pass comparisons of the fused convs) and that do not take a BN input's
+# Registered stages that neither network's iteration list runs (registry.UNPLANNED: the whole
+# split of a concat's gradient, the separate-pass comparisons of the fused convs; the unhooked
+# one-pass 1x1 backward, which only other graphs' plans run) and that do not take a BN input's
 # shape: DenseNet-121's first dense block at the run's size.
 DENSE_BLOCK = "mb{mb}ic64+32x6ih{s}iw{s}"
 DENSE_3X3 = "mb{mb}ic128ih{s}iw{s}oc32kh3kw3sh1ph1"
 UNPLANNED = {"concat_bwd": DENSE_BLOCK,
-             "conv_fwd_bn_relu": DENSE_3X3, "conv_bwd_data_relu_sums": DENSE_3X3}
+             "conv_fwd_bn_relu": DENSE_3X3, "conv_bwd_data_relu_sums": DENSE_3X3,
+             "conv_bwd_1x1": "mb{mb}ic256ih{s}iw{s}oc128kh1kw1sh1ph0_bn_relu_grad"}
 
 
 def family(cls) -> str:
