@@ -51,6 +51,36 @@ def _nhwc(t):
     return np.transpose(t, (0, 2, 3, 1))
 
 
+def _tagged(inputs, tag, dtype=None):
+    """The inputs named tag0, tag1, .. in order (as float64 with dtype=np.float64)."""
+    keys = sorted(k for k in inputs if k.startswith(tag))
+    return tuple(inputs[k] if dtype is None else inputs[k].astype(dtype) for k in keys)
+
+
+def _hook_inputs(tag, hook, rng, shape):
+    """{tag0: .., tag1: ..}: the arrays `hook` takes for an operand of `shape`."""
+    return {f"{tag}{i}": a for i, a in enumerate(hook.inputs(rng, shape))}
+
+
+def _add_sums(out, c):
+    """An epilogue's sums as outputs: s1, s2 [c] float64 and their per-task partials p1, p2."""
+    nt = numba.config.NUMBA_NUM_THREADS
+    out.update(s1=np.empty(c), s2=np.empty(c), p1=np.empty((nt, c)), p2=np.empty((nt, c)))
+    return out
+
+
+def _merge_sums(outputs, nt):
+    outputs["s1"][:] = outputs["p1"][:nt].sum(0)
+    outputs["s2"][:] = outputs["p2"][:nt].sum(0)
+
+
+def _prologues_ref(st, inputs):
+    """{x, dy} in float64 after st.pro_x and st.pro_dy (inputs px0.., pdy0..)."""
+    return {"x": st.pro_x.ref(inputs["x"].astype(np.float64), _tagged(inputs, "px", np.float64)),
+            "dy": st.pro_dy.ref(inputs["dy"].astype(np.float64),
+                                _tagged(inputs, "pdy", np.float64))}
+
+
 class _Hooked:
     """What both directions share; `base` is the unhooked stage (shape, conv cost, operands),
     `src`/`dst` the names of the operand the prologue hooks and the output the epilogue does."""
@@ -88,36 +118,27 @@ class _Hooked:
     def make_inputs(self, rng):
         ins = self.base.make_inputs(self, rng)
         out = self.base.allocate_outputs(self)[self.dst].shape
-        ins.update({f"pro{i}": a for i, a in enumerate(self.pro.inputs(rng, ins[self.src].shape))})
-        ins.update({f"epi{i}": a for i, a in enumerate(self.epi.inputs(rng, out))})
+        ins.update(_hook_inputs("pro", self.pro, rng, ins[self.src].shape))
+        ins.update(_hook_inputs("epi", self.epi, rng, out))
         return ins
 
     def allocate_outputs(self):
         out = self.base.allocate_outputs(self)
-        if self.epi.sums:
-            c = out[self.dst].shape[3]
-            out.update(s1=np.empty(c), s2=np.empty(c),
-                       p1=np.empty((numba.config.NUMBA_NUM_THREADS, c)),
-                       p2=np.empty((numba.config.NUMBA_NUM_THREADS, c)))
-        return out
+        return _add_sums(out, out[self.dst].shape[3]) if self.epi.sums else out
 
     def hook_args(self, inputs, outputs):
         """(prologue args, epilogue args) as the kernel takes them (Hook.args zeroes p1, p2)."""
-        pick = lambda tag: tuple(inputs[k] for k in sorted(k for k in inputs if k.startswith(tag)))
-        epi = pick("epi") + ((outputs["p1"], outputs["p2"]) if self.epi.sums else ())
-        return self.pro.args(pick("pro")), self.epi.args(epi)
+        epi = _tagged(inputs, "epi") + ((outputs["p1"], outputs["p2"]) if self.epi.sums else ())
+        return self.pro.args(_tagged(inputs, "pro")), self.epi.args(epi)
 
     def merge_sums(self, outputs, nt):
         if self.epi.sums:
-            outputs["s1"][:] = outputs["p1"][:nt].sum(0)
-            outputs["s2"][:] = outputs["p2"][:nt].sum(0)
+            _merge_sums(outputs, nt)
 
     def hooked_reference(self, inputs, conv, start=0.0):
         """The float64 prologue, conv (NCHW in, NCHW out) added to `start`, and epilogue."""
-        f64 = lambda tag: tuple(inputs[k].astype(np.float64)
-                                for k in sorted(k for k in inputs if k.startswith(tag)))
-        v = self.pro.ref(inputs[self.src].astype(np.float64), f64("pro"))
-        d, sums = self.epi.ref(start + _nhwc(conv(_nchw(v))), f64("epi"))
+        v = self.pro.ref(inputs[self.src].astype(np.float64), _tagged(inputs, "pro", np.float64))
+        d, sums = self.epi.ref(start + _nhwc(conv(_nchw(v))), _tagged(inputs, "epi", np.float64))
         return {self.dst: d, **dict(zip(("s1", "s2"), sums))}
 
     def cost(self, variant):
@@ -221,10 +242,10 @@ class ConvBwdDataHooked(_Hooked, ConvBackwardData):
 
 def bww_direct(st, inputs, outputs):
     """The direct backward-weights engine with the stage's two prologues compiled in."""
-    pick = lambda tag: tuple(inputs[k] for k in sorted(k for k in inputs if k.startswith(tag)))
     make_conv_backward_weights(st.pro_x.fn, st.pro_dy.fn)(
         inputs["x"], inputs["dy"], outputs["dw"], st.shape["sh"], st.shape["ph"],
-        st.pro_x.args(pick("px")), st.pro_dy.args(pick("pdy")), numba.get_num_threads())
+        st.pro_x.args(_tagged(inputs, "px")), st.pro_dy.args(_tagged(inputs, "pdy")),
+        numba.get_num_threads())
 
 
 class ConvBwdWeightsHooked(ConvBackwardWeights):
@@ -265,20 +286,15 @@ class ConvBwdWeightsHooked(ConvBackwardWeights):
 
     def make_inputs(self, rng):
         ins = super().make_inputs(rng)
-        ins.update({f"px{i}": a for i, a in enumerate(self.pro_x.inputs(rng, ins["x"].shape))})
-        ins.update({f"pdy{i}": a
-                    for i, a in enumerate(self.pro_dy.inputs(rng, ins["dy"].shape))})
+        ins.update(_hook_inputs("px", self.pro_x, rng, ins["x"].shape))
+        ins.update(_hook_inputs("pdy", self.pro_dy, rng, ins["dy"].shape))
         return ins
 
     def run(self, variant, inputs, outputs):
         self.variants[variant](self, inputs, outputs)
 
     def reference(self, inputs):
-        f64 = lambda tag: tuple(inputs[k].astype(np.float64)
-                                for k in sorted(k for k in inputs if k.startswith(tag)))
-        x = self.pro_x.ref(inputs["x"].astype(np.float64), f64("px"))
-        dy = self.pro_dy.ref(inputs["dy"].astype(np.float64), f64("pdy"))
-        return super().reference({"x": x, "dy": dy})
+        return super().reference(_prologues_ref(self, inputs))
 
     def cost(self, variant):
         mb, _, _, _, oc, _, _, oh, ow = self.dims()
@@ -290,14 +306,13 @@ def one_pass_hooked(st, inputs, outputs):
     """The one-pass 1x1 backward with the stage's three hooks compiled in, adding into dx when
     the stage accumulates."""
     nt = numba.get_num_threads()
-    pick = lambda tag: tuple(inputs[k] for k in sorted(k for k in inputs if k.startswith(tag)))
-    epi = pick("epi") + ((outputs["p1"], outputs["p2"]) if st.epi.sums else ())
+    epi = _tagged(inputs, "epi") + ((outputs["p1"], outputs["p2"]) if st.epi.sums else ())
     make_conv_backward_1x1(st.pro_dy.fn, st.pro_x.fn, st.epi.fn)(
         inputs["x"], inputs["dy"], inputs["w"], outputs["dx"], outputs["dw"], st.shape["sh"],
-        st.pro_dy.args(pick("pdy")), st.pro_x.args(pick("px")), st.epi.args(epi), nt, st.acc)
+        st.pro_dy.args(_tagged(inputs, "pdy")), st.pro_x.args(_tagged(inputs, "px")),
+        st.epi.args(epi), nt, st.acc)
     if st.epi.sums:
-        outputs["s1"][:] = outputs["p1"][:nt].sum(0)
-        outputs["s2"][:] = outputs["p2"][:nt].sum(0)
+        _merge_sums(outputs, nt)
 
 
 class ConvBwd1x1Hooked(ConvBackward1x1):
@@ -352,34 +367,26 @@ class ConvBwd1x1Hooked(ConvBackward1x1):
     def make_inputs(self, rng):
         ins = super().make_inputs(rng)
         dx = ins["x"].shape
-        ins.update({f"px{i}": a for i, a in enumerate(self.pro_x.inputs(rng, dx))})
-        ins.update({f"pdy{i}": a for i, a in enumerate(self.pro_dy.inputs(rng, ins["dy"].shape))})
-        ins.update({f"epi{i}": a for i, a in enumerate(self.epi.inputs(rng, dx))})
+        ins.update(_hook_inputs("px", self.pro_x, rng, dx))
+        ins.update(_hook_inputs("pdy", self.pro_dy, rng, ins["dy"].shape))
+        ins.update(_hook_inputs("epi", self.epi, rng, dx))
         if self.acc:
             ins["dx0"] = rng.standard_normal(dx, dtype=np.float32)
         return ins
 
     def allocate_outputs(self):
         out = super().allocate_outputs()
-        if self.epi.sums:
-            c = out["dx"].shape[3]
-            out.update(s1=np.empty(c), s2=np.empty(c),
-                       p1=np.empty((numba.config.NUMBA_NUM_THREADS, c)),
-                       p2=np.empty((numba.config.NUMBA_NUM_THREADS, c)))
-        return out
+        return _add_sums(out, out["dx"].shape[3]) if self.epi.sums else out
 
     def run(self, variant, inputs, outputs):
         self.variants[variant](self, inputs, outputs)
 
     def reference(self, inputs):
-        f64 = lambda tag: tuple(inputs[k].astype(np.float64)
-                                for k in sorted(k for k in inputs if k.startswith(tag)))
-        x = self.pro_x.ref(inputs["x"].astype(np.float64), f64("px"))
-        g = self.pro_dy.ref(inputs["dy"].astype(np.float64), f64("pdy"))
-        dx, dw = R.conv2d_backward(_nchw(g), _nchw(x), from_ohwi(inputs["w"]).astype(np.float64),
-                                   self.shape["sh"], 0)
+        v = _prologues_ref(self, inputs)
+        dx, dw = R.conv2d_backward(_nchw(v["dy"]), _nchw(v["x"]),
+                                   from_ohwi(inputs["w"]).astype(np.float64), self.shape["sh"], 0)
         start = inputs["dx0"].astype(np.float64) if self.acc else 0.0
-        d, sums = self.epi.ref(start + _nhwc(dx), f64("epi"))
+        d, sums = self.epi.ref(start + _nhwc(dx), _tagged(inputs, "epi", np.float64))
         return {"dx": d, "dw": _nhwc(dw), **dict(zip(("s1", "s2"), sums))}
 
     def cost(self, variant):
