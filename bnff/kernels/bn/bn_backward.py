@@ -7,8 +7,9 @@ Over the m = N*H*W rows of the [M, C] views of dy and x:
            = a * dy + p * (x - mean) + q,            p = -a * inv * dgamma / m,  q = -a * dbeta / m
 
 It is two passes at best: a reduction (dbeta, dgamma) that must finish before any dx, then
-the elementwise dx. Reductions are bnff/kernels/bn/reduce.py's (per-block [C] partials,
-float32 tiles of TILE_ROWS rows flushed into float64), given their per-element sums here.
+the elementwise dx. Both loops are bnff/kernels/rows.py's: the reductions its channel_sums
+(per-block [C] partials, float32 tiles of TILE_ROWS rows flushed into float64), the dx pass its
+row_blocks, given their per-element and per-row functions here.
 
 Kernels ([M, C] float32 views; vectors float32 [C]; outputs last, written):
     reduce_separate(DY, X, mean, var, eps, dgamma, dbeta)   one pass per sum (reads dy twice)
@@ -19,11 +20,11 @@ Kernels ([M, C] float32 views; vectors float32 [C]; outputs last, written):
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.reduce import (BLOCKS, block_rows, channel_sum, channel_sums,
-                                    dy_product_sums, merge_blocks)
+from bnff.kernels.rows import (channel_sum, channel_sums, dy_product_sums, merge_blocks,
+                               row_blocks)
 from bnff.kernels.stage import F32, Cost, Stage
 
 
@@ -69,8 +70,30 @@ def reduce_fused(DY, X, mean, var, eps, dgamma, dbeta):
         dgamma[j] = s2[j] / np.sqrt(np.float64(var[j]) + eps)
 
 
+@njit(inline="always")
+def _naive_dx_row(args, r):
+    """DX[r] = gamma*inv * (DY[r] - db - xh * dg), xh = (X[r] - mean) * inv: args = (DY, X,
+    mean, inv, gamma, db, dg, DX)."""
+    DY, X, mean, inv, gamma, db, dg = args[:7]
+    for j in range(X.shape[1]):
+        xh = (X[r, j] - mean[j]) * inv[j]
+        args[7][r, j] = gamma[j] * inv[j] * (DY[r, j] - db[j] - xh * dg[j])
+
+
+@njit(inline="always")
+def _affine_dx_row(args, r):
+    """DX[r] = a*DY[r] + (p*(X[r] - mean) + q): args = (DY, X, mean, a, p, q, DX)."""
+    DY, X, mean, a, p, q = args[:6]
+    for j in range(X.shape[1]):
+        args[6][r, j] = a[j] * DY[r, j] + (p[j] * (X[r, j] - mean[j]) + q[j])
+
+
+_naive_dx_rows = row_blocks(_naive_dx_row)
+_affine_dx_rows = row_blocks(_affine_dx_row)
+
+
 # Naive dx: the textbook formula, xh formed per element.
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(cache=True)
 def dx_naive(DY, X, mean, var, gamma, eps, dgamma, dbeta, DX):
     """dx = gamma*inv * (dy - dbeta/m - xh * dgamma/m) with xh = (x - mean) * inv per element."""
     m, c = DY.shape
@@ -81,16 +104,11 @@ def dx_naive(DY, X, mean, var, gamma, eps, dgamma, dbeta, DX):
         inv[j] = 1.0 / np.sqrt(np.float64(var[j]) + eps)
         db[j] = dbeta[j] / m
         dg[j] = dgamma[j] / m
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                xh = (X[r, j] - mean[j]) * inv[j]
-                DX[r, j] = gamma[j] * inv[j] * (DY[r, j] - db[j] - xh * dg[j])
+    _naive_dx_rows((DY, X, mean, inv, gamma, db, dg, DX), m)
 
 
 # Affine dx: a*dy + p*(x - mean) + q with a, p, q folded per channel.
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(cache=True)
 def dx_affine(DY, X, mean, var, gamma, eps, dgamma, dbeta, DX):
     """dx = a*dy + p*(x - mean) + q: a sub and two FMAs per element."""
     m, c = DY.shape
@@ -103,11 +121,7 @@ def dx_affine(DY, X, mean, var, gamma, eps, dgamma, dbeta, DX):
         a[j] = aj
         p[j] = -aj * inv * dgamma[j] / m
         q[j] = -aj * dbeta[j] / m
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                DX[r, j] = a[j] * DY[r, j] + (p[j] * (X[r, j] - mean[j]) + q[j])
+    _affine_dx_rows((DY, X, mean, a, p, q, DX), m)
 
 
 def backward_three_pass(DY, X, mean, var, gamma, eps, dgamma, dbeta, DX):

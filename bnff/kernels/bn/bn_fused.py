@@ -19,9 +19,10 @@ Backward, with dz the gradient at the ReLU output and dy = dz * [a*x + b > 0] (o
     dx = a * (dy - dbeta/m - (x - mean) * inv * dgamma/m) = a*dy + p*x + q,
          p = -a * inv * dgamma / m,   q = -p * mean - a * dbeta / m
 
-The reductions are bnff/kernels/bn/reduce.py's (BLOCKS row blocks, float32 tiles of TILE_ROWS
-rows flushed into per-block float64 partials, merged serially), given their per-element sums
-here. s2 = sum(dy * x) is accumulated as
+The row-block loops are bnff/kernels/rows.py's, given their per-row or per-element functions
+here: the elementwise passes its row_blocks, the reductions its channel_sums (BLOCKS row
+blocks, float32 tiles of TILE_ROWS rows flushed into per-block float64 partials, merged
+serially). s2 = sum(dy * x) is accumulated as
 sum(dy * (x - k)) + k * s1 with k = X[0] per channel, so its float32 tiles do not lose the
 centered part when |mean| >> std (the same shift as stats_shifted).
 
@@ -49,11 +50,10 @@ composition of the unfused float64 ops.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.reduce import (BLOCKS, block_rows, channel_sums, dy_product_sums,
-                                    merge_blocks)
+from bnff.kernels.rows import channel_sums, dy_product_sums, merge_blocks, row_blocks
 from bnff.kernels.conv.conv_common import pixels
 from bnff.kernels.stage import F32, Cost, Stage
 
@@ -105,40 +105,51 @@ def bn_backward_coefficients(s1, s2, mean, var, gamma, eps, m, dgamma, dbeta, a,
 # --- forward: normalize (+ add) + ReLU, one pass ----------------------------------------------
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(inline="always")
+def _relu_row(args, r):
+    """Y[r] = max(a*X[r] + b, 0): args = (X, a, b, Y)."""
+    X, a, b = args[:3]
+    for j in range(X.shape[1]):
+        args[3][r, j] = max(a[j] * X[r, j] + b[j], np.float32(0.0))
+
+
+@njit(inline="always")
+def _add_relu_row(args, r):
+    """Y[r] = max(a*X[r] + b + S[r], 0): args = (X, a, b, S, Y)."""
+    X, a, b, S = args[:4]
+    for j in range(X.shape[1]):
+        args[4][r, j] = max(a[j] * X[r, j] + b[j] + S[r, j], np.float32(0.0))
+
+
+@njit(inline="always")
+def _two_relu_row(args, r):
+    """Y[r] = max(a1*X1[r] + a2*X2[r] + b, 0): args = (X1, a1, X2, a2, b, Y)."""
+    X1, a1, X2, a2, b = args[:5]
+    for j in range(X1.shape[1]):
+        args[5][r, j] = max(a1[j] * X1[r, j] + a2[j] * X2[r, j] + b[j], np.float32(0.0))
+
+
+_relu_rows = row_blocks(_relu_row)
+_add_relu_rows = row_blocks(_add_relu_row)
+_two_relu_rows = row_blocks(_two_relu_row)
+
+
+@njit(cache=True)
 def normalize_relu(X, a, b, Y):
     """Y = max(a*X + b, 0): reads X, writes Y."""
-    m, c = X.shape
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                Y[r, j] = max(a[j] * X[r, j] + b[j], np.float32(0.0))
+    _relu_rows((X, a, b, Y), X.shape[0])
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(cache=True)
 def normalize_add_relu(X, a, b, S, Y):
     """Y = max(a*X + b + S, 0): reads X and S, writes Y."""
-    m, c = X.shape
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                Y[r, j] = max(a[j] * X[r, j] + b[j] + S[r, j], np.float32(0.0))
+    _add_relu_rows((X, a, b, S, Y), X.shape[0])
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(cache=True)
 def normalize2_add_relu(X1, a1, b1, X2, a2, b2, Y):
     """Y = max(a1*X1 + a2*X2 + (b1 + b2), 0): reads X1 and X2, writes Y."""
-    m, c = X1.shape
-    b = np.empty(c, np.float32)
-    for j in range(c):
-        b[j] = b1[j] + b2[j]
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                Y[r, j] = max(a1[j] * X1[r, j] + a2[j] * X2[r, j] + b[j], np.float32(0.0))
+    _two_relu_rows((X1, a1, X2, a2, b1 + b2, Y), X1.shape[0])
 
 
 # --- backward: ReLU mask + BN reductions, one pass --------------------------------------------
@@ -208,70 +219,74 @@ def dy_sums(DY, X, s1, s2):
 # --- backward: BN input gradient, one pass ----------------------------------------------------
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def dx_rows(dy, ldy, x, ldx, a, p, q, dx, ldd, m, accumulate):
-    """dx (+)= a*dy + p*x + q over m rows of flat arrays with row strides ldy, ldx, ldd.
-    Each row is a contiguous 1-D view and the accumulate test is outside the loops over it:
-    with flat indices, or the test inside, the loop stayed scalar (4x slower)."""
+@njit(inline="always")
+def _dx_row(args, r):
+    """dx (+)= a*dy + p*x + q on row r of flat arrays with row strides: args = (dy, ldy, x, ldx,
+    a, p, q, dx, ldd, accumulate). Each row is a contiguous 1-D view and the accumulate test is
+    outside the loop over it: with flat indices, or the test inside, the loop stayed scalar (4x
+    slower)."""
+    dy, ldy, x, ldx, a, p, q = args[:7]
+    ldd, accumulate = args[8:]
     c = a.shape[0]
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            yr = dy[r * ldy:r * ldy + c]
-            xr = x[r * ldx:r * ldx + c]
-            dr = dx[r * ldd:r * ldd + c]
-            if accumulate:
-                for j in range(c):
-                    dr[j] += a[j] * yr[j] + p[j] * xr[j] + q[j]
-            else:
-                for j in range(c):
-                    dr[j] = a[j] * yr[j] + p[j] * xr[j] + q[j]
+    yr = dy[r * ldy:r * ldy + c]
+    xr = x[r * ldx:r * ldx + c]
+    dr = args[7][r * ldd:r * ldd + c]
+    if accumulate:
+        for j in range(c):
+            dr[j] += a[j] * yr[j] + p[j] * xr[j] + q[j]
+    else:
+        for j in range(c):
+            dr[j] = a[j] * yr[j] + p[j] * xr[j] + q[j]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def relu_dx_rows(dz, ldz, x, ldx, af, bf, a, p, q, dx, ldd, m, accumulate):
-    """dx (+)= a*dz*[af*x + bf > 0] + p*x + q over m rows of flat arrays with row strides,
-    organized as dx_rows. dz is loaded before the mask selects it: a load under the condition
-    becomes a masked vector load, slow on AMD Zen (half the bandwidth)."""
+@njit(inline="always")
+def _relu_dx_row(args, r):
+    """dx (+)= a*dz*[af*x + bf > 0] + p*x + q on row r, organized as _dx_row: args = (dz, ldz,
+    x, ldx, af, bf, a, p, q, dx, ldd, accumulate). dz is loaded before the mask selects it: a
+    load under the condition becomes a masked vector load, slow on AMD Zen (half the
+    bandwidth)."""
+    dz, ldz, x, ldx, af, bf, a, p, q = args[:9]
+    ldd, accumulate = args[10:]
     c = a.shape[0]
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            zr = dz[r * ldz:r * ldz + c]
-            xr = x[r * ldx:r * ldx + c]
-            dr = dx[r * ldd:r * ldd + c]
-            if accumulate:
-                for j in range(c):
-                    xv = xr[j]
-                    g = zr[j]
-                    g = g if af[j] * xv + bf[j] > 0 else np.float32(0.0)
-                    dr[j] += a[j] * g + p[j] * xv + q[j]
-            else:
-                for j in range(c):
-                    xv = xr[j]
-                    g = zr[j]
-                    g = g if af[j] * xv + bf[j] > 0 else np.float32(0.0)
-                    dr[j] = a[j] * g + p[j] * xv + q[j]
+    zr = dz[r * ldz:r * ldz + c]
+    xr = x[r * ldx:r * ldx + c]
+    dr = args[9][r * ldd:r * ldd + c]
+    if accumulate:
+        for j in range(c):
+            xv = xr[j]
+            g = zr[j]
+            g = g if af[j] * xv + bf[j] > 0 else np.float32(0.0)
+            dr[j] += a[j] * g + p[j] * xv + q[j]
+    else:
+        for j in range(c):
+            xv = xr[j]
+            g = zr[j]
+            g = g if af[j] * xv + bf[j] > 0 else np.float32(0.0)
+            dr[j] = a[j] * g + p[j] * xv + q[j]
+
+
+dx_rows = row_blocks(_dx_row)
+relu_dx_rows = row_blocks(_relu_dx_row)
 
 
 def bn_dx(DY, X, a, p, q, DX):
     """DX = a*DY + p*X + q: reads DY and X, writes DX."""
-    dx_rows(*pixels(DY), *pixels(X), a, p, q, *pixels(DX), X.shape[0], False)
+    dx_rows((*pixels(DY), *pixels(X), a, p, q, *pixels(DX), False), X.shape[0])
 
 
 def bn_dx_add(DY, X, a, p, q, DX):
     """DX += a*DY + p*X + q: reads DY, X and DX, writes DX (a gradient several consumers feed)."""
-    dx_rows(*pixels(DY), *pixels(X), a, p, q, *pixels(DX), X.shape[0], True)
+    dx_rows((*pixels(DY), *pixels(X), a, p, q, *pixels(DX), True), X.shape[0])
 
 
 def bn_relu_dx(DZ, X, af, bf, a, p, q, DX):
     """DX = a*DZ*[af*X + bf > 0] + p*X + q: reads DZ and X, writes DX."""
-    relu_dx_rows(*pixels(DZ), *pixels(X), af, bf, a, p, q, *pixels(DX), X.shape[0], False)
+    relu_dx_rows((*pixels(DZ), *pixels(X), af, bf, a, p, q, *pixels(DX), False), X.shape[0])
 
 
 def bn_relu_dx_add(DZ, X, af, bf, a, p, q, DX):
     """DX += a*DZ*[af*X + bf > 0] + p*X + q: reads DZ, X and DX, writes DX."""
-    relu_dx_rows(*pixels(DZ), *pixels(X), af, bf, a, p, q, *pixels(DX), X.shape[0], True)
+    relu_dx_rows((*pixels(DZ), *pixels(X), af, bf, a, p, q, *pixels(DX), True), X.shape[0])
 
 
 # --- stages -----------------------------------------------------------------------------------

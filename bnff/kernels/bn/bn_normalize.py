@@ -9,8 +9,8 @@ per-channel number:
 avoids the float32 cancellation of a*x against b when |mean| >> std or var ~ 0.)
 
 On the [M, C] view (M = N*H*W) each variant reads x once and writes y once; the per-channel
-prologue is O(C). Rows are split into BLOCKS contiguous blocks, one prange iteration each,
-vectorized along C.
+prologue is O(C). The pass is bnff/kernels/rows.py's row_blocks (BLOCKS contiguous row
+blocks, one prange iteration each), vectorized along C.
 
 Kernels (X, Y are [M, C] float32 views; vectors are float32 [C]):
     normalize_naive(X, mean, var, gamma, beta, eps, Y)
@@ -19,41 +19,53 @@ Kernels (X, Y are [M, C] float32 views; vectors are float32 [C]):
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.reduce import BLOCKS, block_rows
+from bnff.kernels.rows import row_blocks
 from bnff.kernels.stage import F32, Cost, Stage
 
 
+@njit(inline="always")
+def _naive_row(args, r):
+    """Y[r] = gamma * ((X[r] - mean) * inv) + beta: args = (X, mean, inv, gamma, beta, Y)."""
+    X, mean, inv, gamma, beta = args[:5]
+    for j in range(X.shape[1]):
+        args[5][r, j] = gamma[j] * ((X[r, j] - mean[j]) * inv[j]) + beta[j]
+
+
+@njit(inline="always")
+def _affine_row(args, r):
+    """Y[r] = a * (X[r] - mean) + beta: args = (X, mean, a, beta, Y)."""
+    X, mean, a, beta = args[:4]
+    for j in range(X.shape[1]):
+        args[4][r, j] = a[j] * (X[r, j] - mean[j]) + beta[j]
+
+
+_naive_rows = row_blocks(_naive_row)
+_affine_rows = row_blocks(_affine_row)
+
+
 # 1. naive: the textbook formula per element.
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(cache=True)
 def normalize_naive(X, mean, var, gamma, beta, eps, Y):
     """Per element gamma * ((x - mean) * inv) + beta: 4 flops, the layer as written."""
-    m, c = X.shape
+    c = X.shape[1]
     inv = np.empty(c, np.float32)
     for j in range(c):
         inv[j] = 1.0 / np.sqrt(np.float64(var[j]) + eps)
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                Y[r, j] = gamma[j] * ((X[r, j] - mean[j]) * inv[j]) + beta[j]
+    _naive_rows((X, mean, inv, gamma, beta, Y), X.shape[0])
 
 
 # 2. affine: a subtraction and one FMA per element with a per-channel scale.
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(cache=True)
 def normalize_affine(X, mean, var, gamma, beta, eps, Y):
     """y = a * (x - mean) + beta with a = gamma * inv folded per channel first."""
-    m, c = X.shape
+    c = X.shape[1]
     a = np.empty(c, np.float32)
     for j in range(c):
         a[j] = gamma[j] / np.sqrt(np.float64(var[j]) + eps)
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                Y[r, j] = a[j] * (X[r, j] - mean[j]) + beta[j]
+    _affine_rows((X, mean, a, beta, Y), X.shape[0])
 
 
 class BNNormalize(Stage):

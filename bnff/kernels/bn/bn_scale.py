@@ -13,22 +13,28 @@ Kernels ([M, C] float32 views, vectors float32 [C], outputs last and written):
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
-from bnff.kernels.bn.reduce import BLOCKS, block_rows, channel_sums, merge_blocks
+from bnff.kernels.rows import channel_sums, merge_blocks, row_blocks
 from bnff.kernels.stage import F32, Cost, Stage
 
 
+@njit(inline="always")
+def _scale_row(args, r):
+    """Y[r] = gamma * XH[r] + beta: args = (XH, gamma, beta, Y)."""
+    XH, gamma, beta = args[:3]
+    for j in range(XH.shape[1]):
+        args[3][r, j] = gamma[j] * XH[r, j] + beta[j]
+
+
+_scale_rows = row_blocks(_scale_row)
+
+
 # 1. forward: one FMA per element.
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(cache=True)
 def scale_forward(XH, gamma, beta, Y):
-    """y = gamma * xh + beta, rows split in blocks, vectorized along C."""
-    m, c = XH.shape
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for r in range(r0, r1):
-            for j in range(c):
-                Y[r, j] = gamma[j] * XH[r, j] + beta[j]
+    """y = gamma * xh + beta, rows split in blocks (rows.row_blocks), vectorized along C."""
+    _scale_rows((XH, gamma, beta, Y), XH.shape[0])
 
 
 @njit(inline="always")

@@ -9,7 +9,7 @@ Float32 sum(x) and sum(x*x) in one pass cancel catastrophically when |mean| >> s
 variant below is stable: it subtracts the mean (or a per-channel shift close to it) before
 squaring, and carries the cross-tile sums in float64. The test data has mean 1000, std 1.
 
-Parallel scheme (all variants): the bnff/kernels/bn/reduce.py scheme. The M rows are cut
+Parallel scheme (all variants): the bnff/kernels/rows.py scheme. The M rows are cut
 into BLOCKS blocks, each accumulating its own [C] partials (vectorized along C), merged
 serially at the end; a block walks its rows in float32 tiles of TILE_ROWS rows, flushed into
 float64 once per tile. two_pass, shifted and shifted_pairs give reduce.py their per-element
@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit, prange
 
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.reduce import (BLOCKS, TILE_ROWS, block_rows, channel_sums, merge_blocks,
+from bnff.kernels.rows import (BLOCKS, TILE_ROWS, block_rows, channel_sums, merge_blocks,
                                     row_sum, tile_sums)
 from bnff.kernels.stage import F32, Cost, Stage
 

@@ -5,7 +5,7 @@
 Kernels:
     bias_grad(DY, db)           DY an [M, C] float32 view (C-contiguous rows, or a channel
                                 slice of a wider buffer), db float32 [C]: one reduction pass,
-                                the plain per-channel sum bnff/kernels/bn/reduce.channel_sum
+                                the plain per-channel sum bnff/kernels/rows.channel_sum
                                 (row blocks, float32 tiles of TILE_ROWS rows flushed into
                                 float64 partials, merged serially).
     bias_grad_bn(a, p, q, dbeta, mean, m, db)
@@ -22,7 +22,7 @@ import numpy as np
 from numba import njit
 
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.reduce import channel_sum
+from bnff.kernels.rows import channel_sum
 from bnff.kernels.stage import F32, Cost, Stage
 
 bias_grad = channel_sum  # db[c] = sum_r DY[r, c]: reads DY once

@@ -1,6 +1,7 @@
-"""The per-channel reductions of the [M, C] kernels (BN statistics, BN backward sums, Caffe's
-Scale backward, a conv's bias gradient): one row-block loop and one tile flush, specialized by
-the per-element function they are given.
+"""The row-block loops of the [M, C] streaming kernels, written once and specialized by the
+per-row or per-element function they are given: the per-channel reductions (BN statistics, BN
+backward sums, Caffe's Scale backward, a conv's bias gradient) and the elementwise passes (BN
+normalize and its fused forms, BN's input gradient, Caffe's Scale forward).
 
 View an NHWC tensor as X [M, C], M = N*H*W rows. A reduction computes K per-channel sums
 
@@ -12,6 +13,11 @@ run of them, so a thread streams one range of rows); each block accumulates into
 (`merge_blocks`). A block walks its rows in tiles of TILE_ROWS rows: float32 sums over a tile
 (short enough to be accurate), flushed into float64 once per tile, so the float64 adds cost
 1/TILE_ROWS of the float32 ones.
+
+Elementwise passes. `row_blocks(row)` is the same prange over the BLOCKS row blocks around a
+per-row function `row(args, r)` (@njit(inline="always"), its loop over the row's C channels
+inside it, so each kernel keeps the inner loop it vectorizes best: 2-D indexing for C-contiguous
+[M, C] arrays, 1-D row views for flat arrays with row strides).
 
 Per-element functions. `elem(args, r, j, t)` adds f_k(r, j) into t[k, j] for each k (t the
 float32 [K, C] tile; args a tuple of the arrays it reads, and writes: an elementwise output
@@ -31,6 +37,8 @@ tests/test_stages.py catches it).
     tile_sums(elem, args, r0, r1, acc, t)     rows r0 .. r1 into acc [K, C] f64, tile t f32
     channel_sums(elem, K) -> sums             the parallel kernel sums(args, m, c) -> part,
                                               [BLOCKS, K, C] float64 per-block partials
+    row_blocks(row) -> run                    the parallel pass run(args, m): row(args, r)
+                                              for every row r < m, in BLOCKS blocks
     row_sum(args, r, j, t)                    the plain sum, args = (X,): t[0, j] += X[r, j]
     channel_sum(X, out)                       out[c] = sum_r X[r, c] (one pass over X)
     dy_products(args, r, j, t)                BN backward's sum(dy), sum(dy * (x - u)),
@@ -98,6 +106,21 @@ def channel_sums(elem, k):
             part[b] = acc
         return part
     return sums
+
+
+def row_blocks(row):
+    """The parallel pass run(args, m): row(args, r) for every row r < m, the rows cut into BLOCKS
+    contiguous blocks, one prange iteration each. row is compiled in and made `stable` (as in
+    channel_sums); it stores through the tuple, args[i][r, j] = v."""
+    stable(row)
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def run(args, m):
+        for b in prange(BLOCKS):
+            r0, r1 = block_rows(b, BLOCKS, m)
+            for r in range(r0, r1):
+                row(args, r)
+    return run
 
 
 @njit(inline="always")
