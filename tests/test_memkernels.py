@@ -95,3 +95,25 @@ def test_concat_slice_kernels():
     np.testing.assert_array_equal(out, y[:, 32:])
     copy_into(x, y, 0)
     np.testing.assert_array_equal(y[:, :16], x)
+    wide2 = rng.standard_normal((10, 40), dtype=np.float32)  # from and to channel slices
+    copy_out(y[:, 8:], 8, wide2[:, 3:19])
+    np.testing.assert_array_equal(wide2[:, 3:19], y[:, 16:32])
+    copy_into(wide2[:, 3:19], wide, 20)
+    np.testing.assert_array_equal(wide[:, 20:36], y[:, 16:32])
+
+
+@pytest.mark.parametrize("stage", [MaxPoolBackward, AvgPoolBackward])
+def test_pool_backward_on_channel_slices(stage):
+    """The schedules hand a pool's backward the slice of a concatenation's gradient as dy (and
+    may hand it a slice to write): the same dx as from contiguous tensors."""
+    st = stage.from_descriptor(stage.examples[0])
+    ins, out = st.make_inputs(np.random.default_rng(3)), st.allocate_outputs()
+    st.run(st.default, ins, out)
+    dy, dx = ins["dy"], out["dx"]
+    wide_dy = np.zeros(dy.shape[:3] + (dy.shape[3] + 24,), np.float32)
+    wide_dy[..., 16:16 + dy.shape[3]] = dy
+    wide_dx = np.full(dx.shape[:3] + (dx.shape[3] + 8,), 7.0, np.float32)
+    st.run(st.default, dict(ins, dy=wide_dy[..., 16:16 + dy.shape[3]]),
+           dict(dx=wide_dx[..., 5:5 + dx.shape[3]]))
+    np.testing.assert_array_equal(wide_dx[..., 5:5 + dx.shape[3]], dx)
+    assert (wide_dx[..., :5] == 7).all() and (wide_dx[..., 5 + dx.shape[3]:] == 7).all()

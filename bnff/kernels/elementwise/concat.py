@@ -5,29 +5,26 @@ On [M, C] views (M = N*H*W), input k owns channels [off_k, off_k + C_k) of every
     forward:   Y[:, off_k:off_k+C_k] = X_k          reads S, writes S (S = all of Y)
     backward:  dX_k = dY[:, off_k:off_k+C_k]        reads S, writes S
 
-The numpy and prange variants make one strided copy per input: each walks all M rows of Y
-writing a short slice per row. The tiles variant makes one call: per tile of rows (TILE
-floats of Y) it copies every input's contiguous run of rows into the tile, so Y is written
-front to back while the tile's lines are still cached; split does the reverse. Writing the producers straight into
-their slice of Y, as BNFF does, removes the stage altogether.
-
-The rows variant (the default, one call per concatenation in the schedules) is the tiles
-scheme without its per-row overheads: per block of rows of Y (CHUNK floats, in L2), each
-input, fetched from the typed list once per block, is copied row by row with W-lane vector
-loads and stores (a row of a 32-channel feature is two vectors at W = 16). tiles copied with
-scalar loops and fetched every input from the list for every 32 KiB tile (an atomic
-reference count, bounced between the threads): over DenseNet-121's concatenations at batch
-16, 224x224 (2-vCPU AMD EPYC znver5) it took 242 / 144 ms per iteration at 1 / 2 threads,
-rows 69 / 45 ms, PyTorch's cat 53 / 43 ms.
+The numpy variant makes one strided slice copy per input, on one thread. Every other copy is
+one shared loop (_copy_parts), in either direction: per block of rows of Y (CHUNK floats, in
+L2), each input's rows copied by W-lane vector loads and stores (a row of a 32-channel feature
+is two vectors at W = 16), every operand indexed through its row span so a channel slice of a
+wider buffer vectorizes too. prange calls it once per input, rows once per concatenation (the
+default; each input fetched from the typed list once per block). The loop it replaced, one
+scalar copy per row, and an L1-tiled one-call variant with scalar loops that fetched every
+input from the list for every 32 KiB tile (an atomic reference count, bounced between the
+threads), took 242 / 144 ms per iteration over DenseNet-121's concatenations at batch 16,
+224x224 (2-vCPU AMD EPYC znver5) at 1 / 2 threads, rows 69 / 45 ms, PyTorch's cat 53 / 43 ms.
+Writing the producers straight into their slice of Y, as BNFF does, removes the stage
+altogether.
 
 Kernels ([M, C_k] and [M, C] float32 views; outputs written):
     copy_into(X, Y, off)                Y[:, off:off+C_k] = X
     copy_out(Y, off, X)                 X = Y[:, off:off+C_k]
     add_out(Y, off, A, X)               X = A + Y[:, off:off+C_k]   (A is X: a gradient summed
                                         at a fork, into X, which may be a channel slice too)
-    concat_numpy(xs, Y)   concat_prange(xs, Y)   concat_tiles(xs, Y)   concat_rows(xs, Y)
-                                                            xs: list of [M, C_k]
-    split_numpy(dY, dxs)  split_prange(dY, dxs)  split_tiles(dY, dxs)      dxs: list of [M, C_k]
+    concat_numpy(xs, Y)   concat_prange(xs, Y)   concat_rows(xs, Y)   xs: list of [M, C_k]
+    split_numpy(dY, dxs)  split_prange(dY, dxs)  split_rows(dY, dxs)    dxs: list of [M, C_k]
 """
 from __future__ import annotations
 
@@ -39,29 +36,66 @@ from numba.typed import List
 
 from bnff.engine.vec import W, row_span, vadd, vload, vstore
 from bnff.kernels import reference as ref
-from bnff.kernels.bn.reduce import BLOCKS, block_rows
+from bnff.kernels.rows import BLOCKS, block_rows
 from bnff.kernels.stage import F32, Cost, DescriptorError, Stage
 
-TILE = 8192  # floats per assembled row tile (32 KiB, L1)
-CHUNK = 65536  # floats of Y per row block of the rows variant and add_out (256 KiB: in L2)
+CHUNK = 65536  # floats per row block of the copies and add_out (256 KiB: in L2)
+
+
+@njit(inline="always")
+def _copy_rows(src, si, ss, dst, di, ds, r0, r1, ck):
+    """dst.flat[di + r*ds : +ck] = src.flat[si + r*ss : +ck] for rows r0..r1-1, by W-lane
+    vectors and a scalar tail (flat indices into C-contiguous arrays)."""
+    if ck == 2 * W:  # DenseNet's growth-rate features at W = 16: two vectors, no loop
+        a, b = si + r0 * ss, di + r0 * ds
+        for r in range(r0, r1):
+            vstore(dst, b, vload(src, a))
+            vstore(dst, b + W, vload(src, a + W))
+            a += ss
+            b += ds
+        return
+    nv = ck // W * W
+    for r in range(r0, r1):
+        a, b = si + r * ss, di + r * ds
+        for j in range(0, nv, W):
+            vstore(dst, b + j, vload(src, a + j))
+        for j in range(nv, ck):
+            dst.flat[b + j] = src.flat[a + j]
 
 
 @njit(parallel=True, cache=True)
+def _copy_parts(parts, Y, off, into):
+    """Part k of the list owns Y's channels [o_k, o_k + C_k), o_0 = off: into, Y's channels =
+    the parts (concat); else the parts = Y's channels (split). Per block of rows of Y (CHUNK
+    floats of the parts), each part's rows by W-lane vectors, the part fetched from the list
+    once per block."""
+    m = Y.shape[0]
+    y, ys = row_span(Y)
+    width = 0
+    for k in range(len(parts)):
+        width += parts[k].shape[1]
+    nblk = max(BLOCKS, (m * width + CHUNK - 1) // CHUNK)
+    for blk in prange(nblk):
+        r0, r1 = block_rows(blk, nblk, m)
+        o = off
+        for k in range(len(parts)):
+            x, xs = row_span(parts[k])
+            ck = parts[k].shape[1]
+            if into:
+                _copy_rows(x, 0, xs, y, o, ys, r0, r1, ck)
+            else:
+                _copy_rows(y, o, ys, x, 0, xs, r0, r1, ck)
+            o += ck
+
+
 def copy_into(X, Y, off):
-    """Y[:, off:off+C_k] = X, parallel over rows."""
-    m, ck = X.shape
-    for r in prange(m):
-        for j in range(ck):
-            Y[r, off + j] = X[r, j]
+    """Y[:, off:off+C_k] = X by W-lane vectors over row blocks (X, Y may be channel slices)."""
+    _copy_parts(List([X]), Y, off, True)
 
 
-@njit(parallel=True, cache=True)
 def copy_out(Y, off, X):
-    """X = Y[:, off:off+C_k], parallel over rows."""
-    m, ck = X.shape
-    for r in prange(m):
-        for j in range(ck):
-            X[r, j] = Y[r, off + j]
+    """X = Y[:, off:off+C_k] by W-lane vectors over row blocks (X, Y may be channel slices)."""
+    _copy_parts(List([X]), Y, off, False)
 
 
 # Each operand may be a channel slice (rows strided): indexed through its row span, so the
@@ -98,7 +132,7 @@ def concat_numpy(xs, Y):
         off += x.shape[1]
 
 
-# 2. prange: one parallel strided-copy call per input.
+# 2. prange: one parallel copy call per input.
 def concat_prange(xs, Y):
     """copy_into per input, rows split over the threads."""
     off = 0
@@ -107,69 +141,11 @@ def concat_prange(xs, Y):
         off += x.shape[1]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _concat_tiles(xs, Y):
-    m, c = Y.shape
-    rows = max(1, TILE // c)
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for s in range(r0, r1, rows):
-            e = min(s + rows, r1)
-            off = 0
-            for k in range(len(xs)):
-                x = xs[k]
-                for r in range(s, e):
-                    for j in range(x.shape[1]):
-                        Y[r, off + j] = x[r, j]
-                off += x.shape[1]
-
-
-# 3. tiles: one call over row tiles of Y, every input copied into each tile.
-def concat_tiles(xs, Y):
-    """Per tile of rows of Y, each input's contiguous rows copied into it (typed list of inputs)."""
-    _concat_tiles(List(xs), Y)
-
-
-@njit(inline="always")
-def _copy_rows(src, si, ss, dst, di, ds, r0, r1, ck):
-    """dst.flat[di + r*ds : +ck] = src.flat[si + r*ss : +ck] for rows r0..r1-1, by W-lane
-    vectors and a scalar tail (flat indices into C-contiguous arrays)."""
-    if ck == 2 * W:  # DenseNet's growth-rate features at W = 16: two vectors, no loop
-        a, b = si + r0 * ss, di + r0 * ds
-        for r in range(r0, r1):
-            vstore(dst, b, vload(src, a))
-            vstore(dst, b + W, vload(src, a + W))
-            a += ss
-            b += ds
-        return
-    nv = ck // W * W
-    for r in range(r0, r1):
-        a, b = si + r * ss, di + r * ds
-        for j in range(0, nv, W):
-            vstore(dst, b + j, vload(src, a + j))
-        for j in range(nv, ck):
-            dst.flat[b + j] = src.flat[a + j]
-
-
-@njit(parallel=True, cache=True)
-def _concat_rows(xs, Y):
-    m, c = Y.shape
-    nblk = max(BLOCKS, (m * c + CHUNK - 1) // CHUNK)
-    for blk in prange(nblk):
-        r0, r1 = block_rows(blk, nblk, m)
-        off = 0
-        for k in range(len(xs)):
-            x = xs[k]
-            ck = x.shape[1]
-            _copy_rows(x, 0, ck, Y, off, c, r0, r1, ck)
-            off += ck
-
-
-# 4. rows: one call; per block of rows of Y (CHUNK floats), each input's rows copied in by
+# 3. rows: one call; per block of rows of Y (CHUNK floats), each input's rows copied in by
 #    vectors, the input fetched from the list once per block.
 def concat_rows(xs, Y):
     """Per row block of Y, each input's rows copied into its channels by W-lane vectors."""
-    _concat_rows(List(xs), Y)
+    _copy_parts(List(xs), Y, 0, True)
 
 
 # 1. numpy: slice copies out of the gradient, one thread.
@@ -181,7 +157,7 @@ def split_numpy(dY, dxs):
         off += dx.shape[1]
 
 
-# 2. prange: one parallel strided-copy call per input.
+# 2. prange: one parallel copy call per input.
 def split_prange(dY, dxs):
     """copy_out per input, rows split over the threads."""
     off = 0
@@ -190,27 +166,10 @@ def split_prange(dY, dxs):
         off += dx.shape[1]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _split_tiles(dY, dxs):
-    m, c = dY.shape
-    rows = max(1, TILE // c)
-    for blk in prange(BLOCKS):
-        r0, r1 = block_rows(blk, BLOCKS, m)
-        for s in range(r0, r1, rows):
-            e = min(s + rows, r1)
-            off = 0
-            for k in range(len(dxs)):
-                dx = dxs[k]
-                for r in range(s, e):
-                    for j in range(dx.shape[1]):
-                        dx[r, j] = dY[r, off + j]
-                off += dx.shape[1]
-
-
-# 3. tiles: one call over row tiles of dY, every slice copied out of each tile.
-def split_tiles(dY, dxs):
-    """Per tile of rows of dY, each slice copied to its dX_k's contiguous rows (typed list)."""
-    _split_tiles(dY, List(dxs))
+# 3. rows: one call; per block of rows of dY, each slice copied out by vectors.
+def split_rows(dY, dxs):
+    """Per row block of dY, each input's channels copied out to its dX_k by W-lane vectors."""
+    _copy_parts(List(dxs), dY, 0, False)
 
 
 def _runs(ics):
@@ -264,8 +223,7 @@ class ConcatForward(_Concat):
     """Inputs x0 .. x{k-1} [mb, ih, iw, ics[k]]; output y [mb, ih, iw, sum(ics)]."""
 
     name = "concat_fwd"
-    variants = {"numpy": concat_numpy, "prange": concat_prange, "tiles": concat_tiles,
-                "rows": concat_rows}
+    variants = {"numpy": concat_numpy, "prange": concat_prange, "rows": concat_rows}
     default = "rows"
 
     def make_inputs(self, rng):
@@ -290,8 +248,8 @@ class ConcatBackward(_Concat):
     """Input dy [mb, ih, iw, sum(ics)]; outputs dx0 .. dx{k-1} [mb, ih, iw, ics[k]]."""
 
     name = "concat_bwd"
-    variants = {"numpy": split_numpy, "prange": split_prange, "tiles": split_tiles}
-    default = "tiles"
+    variants = {"numpy": split_numpy, "prange": split_prange, "rows": split_rows}
+    default = "rows"
 
     def make_inputs(self, rng):
         return {"dy": rng.standard_normal(self._nhwc(sum(self.shape["ics"])), dtype=np.float32)}
@@ -338,8 +296,8 @@ class ConcatCopyInto(_Slice):
     """Input x; output y[..., off:off+ic] = x (the rest of y is not this step's)."""
 
     name = "concat_copy_into"
-    variants = {"prange": copy_into}
-    default = "prange"
+    variants = {"rows": copy_into}
+    default = "rows"
 
     def make_inputs(self, rng):
         return {"x": rng.standard_normal(self._nhwc(self.shape["ic"]), dtype=np.float32)}
@@ -360,8 +318,8 @@ class ConcatCopyOut(_Slice):
     """Input dy; output dx = dy[..., off:off+ic]."""
 
     name = "concat_copy_out"
-    variants = {"prange": copy_out}
-    default = "prange"
+    variants = {"rows": copy_out}
+    default = "rows"
 
     def make_inputs(self, rng):
         return {"dy": rng.standard_normal(self._nhwc(self.shape["oc"]), dtype=np.float32)}
@@ -383,8 +341,8 @@ class ConcatAddOut(ConcatCopyOut):
     work. The kernel reads dx0 besides the slice."""
 
     name = "concat_add_out"
-    variants = {"prange": add_out}
-    default = "prange"
+    variants = {"rows": add_out}
+    default = "rows"
 
     def make_inputs(self, rng):
         i = super().make_inputs(rng)
