@@ -11,7 +11,12 @@ For output pixel (oh, ow) the k x k window starts at input (oh*s - p, ow*s - p):
 Backward kernels gather: each input pixel sums the few windows that cover it, so every dx
 element is written once by one thread, with no zeroing pass and no write conflicts when
 windows overlap (3x3 stride 2). Rows (n, h) are split over the threads; the innermost loop
-runs along C. argmax is int8 (k*k <= 127), the workspace a framework keeps.
+runs along C. The gather kernels take dy and dx as channel slices of wider buffers too (the
+schedules hand a pool the slice of a concatenation's gradient: conv_common.pixels) and read
+and write each pixel's channels as a contiguous 1-D row: indexed as 4-D arrays of any layout,
+the loop along C stayed scalar (DenseNet-121's stem max-pool backward at batch 16, dy a
+64-channel slice of 256: 22 ms against 5.9 ms for a contiguous dy, 2 threads, 2-vCPU AMD EPYC
+znver5). argmax is int8 (k*k <= 127), the workspace a framework keeps.
 
 Kernels (4-d NHWC float32 arrays, outputs last and written):
     maxpool_forward(x, k, s, p, y, arg)
@@ -25,6 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from bnff.kernels import reference as ref
+from bnff.kernels.conv.conv_common import pixels
 from bnff.kernels.stage import F32, Cost, Stage
 
 
@@ -84,12 +90,9 @@ def maxpool_backward_scatter(dy, arg, k, s, p, dx):
                     dx[b, oh * s - p + q // k, ow * s - p + q % k, ch] += dy[b, oh, ow, ch]
 
 
-# 2. gather: each dx element sums the windows covering it whose argmax points at it.
 @njit(parallel=True, fastmath=True, cache=True)
-def maxpool_backward_gather(dy, arg, k, s, p, dx):
-    """dx written once per element from the covering windows, parallel over (n, h)."""
-    n, h, w, c = dx.shape
-    oh_, ow_ = dy.shape[1], dy.shape[2]
+def _maxpool_gather(dy, yps, oh_, ow_, arg, k, s, p, dx, xps, n, h, w, c):
+    arg = arg.reshape(-1, c)
     for t in prange(n * h):
         b, ih = t // h, t % h
         acc = np.empty(c, np.float32)
@@ -100,10 +103,22 @@ def maxpool_backward_gather(dy, arg, k, s, p, dx):
             for oh in range(oh0, oh1):
                 for ow in range(ow0, ow1):
                     q = np.int8((ih + p - oh * s) * k + (iw + p - ow * s))
+                    o = (b * oh_ + oh) * ow_ + ow
+                    g = dy[o * yps:o * yps + c]
+                    a = arg[o]
                     for ch in range(c):
-                        g = dy[b, oh, ow, ch]
-                        acc[ch] += g if arg[b, oh, ow, ch] == q else np.float32(0.0)
-            dx[b, ih, iw, :] = acc
+                        acc[ch] += g[ch] if a[ch] == q else np.float32(0.0)
+            i = ((b * h + ih) * w + iw) * xps
+            d = dx[i:i + c]
+            for ch in range(c):
+                d[ch] = acc[ch]
+
+
+# 2. gather: each dx element sums the windows covering it whose argmax points at it.
+def maxpool_backward_gather(dy, arg, k, s, p, dx):
+    """dx written once per element from the covering windows, parallel over (n, h)."""
+    (yf, yps), (xf, xps) = pixels(dy), pixels(dx)
+    _maxpool_gather(yf, yps, dy.shape[1], dy.shape[2], arg, k, s, p, xf, xps, *dx.shape)
 
 
 # 1. direct: window sum times 1/k^2.
@@ -127,12 +142,8 @@ def avgpool_forward(x, k, s, y):
                 y[b, oh, ow, ch] = acc[ch] * scale
 
 
-# 1. gather: each dx element sums dy / k^2 over the windows covering it.
 @njit(parallel=True, fastmath=True, cache=True)
-def avgpool_backward(dy, k, s, dx):
-    """dx written once per element, parallel over (n, h); input rows past the last window get 0."""
-    n, h, w, c = dx.shape
-    oh_, ow_ = dy.shape[1], dy.shape[2]
+def _avgpool_gather(dy, yps, oh_, ow_, k, s, dx, xps, n, h, w, c):
     scale = np.float32(1.0 / (k * k))
     for t in prange(n * h):
         b, ih = t // h, t % h
@@ -143,10 +154,21 @@ def avgpool_backward(dy, k, s, dx):
             ow0, ow1 = _covering(iw, k, s, 0, ow_)
             for oh in range(oh0, oh1):
                 for ow in range(ow0, ow1):
+                    o = ((b * oh_ + oh) * ow_ + ow) * yps
+                    g = dy[o:o + c]
                     for ch in range(c):
-                        acc[ch] += dy[b, oh, ow, ch]
+                        acc[ch] += g[ch]
+            i = ((b * h + ih) * w + iw) * xps
+            d = dx[i:i + c]
             for ch in range(c):
-                dx[b, ih, iw, ch] = acc[ch] * scale
+                d[ch] = acc[ch] * scale
+
+
+# 1. gather: each dx element sums dy / k^2 over the windows covering it.
+def avgpool_backward(dy, k, s, dx):
+    """dx written once per element, parallel over (n, h); input rows past the last window get 0."""
+    (yf, yps), (xf, xps) = pixels(dy), pixels(dx)
+    _avgpool_gather(yf, yps, dy.shape[1], dy.shape[2], k, s, xf, xps, *dx.shape)
 
 
 # 1. direct: per image, float32 sum over the H*W rows.
