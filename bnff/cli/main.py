@@ -17,7 +17,9 @@ compilation was lost this way and the run went on to exit 0). The hook main() in
 a thread that sends the signal again, every RESEND seconds, until main() has caught the
 exception; a signal that arrives after that is not raised again, and what the unwinding frees
 is not reported (a compilation interrupted half-way leaves llvmlite objects whose __del__
-fails). Called as the program (argv None), main() leaves SIGINT and SIGTERM ignored when it
+fails). Raised inside a Python call that Numba's dispatcher makes from C, the exception
+surfaces as a SystemError ("returned a result with an exception set") caused by it, and counts
+as the signal. Called as the program (argv None), main() leaves SIGINT and SIGTERM ignored when it
 returns: a signal during the interpreter's teardown (Numba's and LLVM's included) would
 otherwise kill it with the default action, exit status -15 or -2 after the command had
 finished and written its rows."""
@@ -122,6 +124,21 @@ class _Signals:
             self.resender.join()
 
 
+STOPPED = {KeyboardInterrupt: ("interrupted (Ctrl-C)", 130),
+           Terminated: ("terminated (SIGTERM)", 143)}
+
+
+def _signal_exception(e):
+    """The type of the signal's exception e is or was raised from, else None: a handler's
+    exception raised inside a call Numba's dispatcher makes from C comes out as a SystemError
+    ("returned a result with an exception set") caused by it."""
+    while e is not None:
+        if type(e) in STOPPED:
+            return type(e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def build_parser():
     from bnff.cli.args import Parser  # numpy, Numba: after main() set its handlers
     parser = Parser(
@@ -147,16 +164,14 @@ def main(argv=None) -> int:
         code = args.func(args) or 0
         signals.check()
         return code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated, SystemError) as e:
+        stop = _signal_exception(e)
+        if stop is None:
+            raise
         signals.catch()
-        print(f"{command}: interrupted (Ctrl-C); rows measured before it are kept",
-              file=sys.stderr)
-        return 130
-    except Terminated:
-        signals.catch()
-        print(f"{command}: terminated (SIGTERM); rows measured before it are kept",
-              file=sys.stderr)
-        return 143
+        what, code = STOPPED[stop]
+        print(f"{command}: {what}; rows measured before it are kept", file=sys.stderr)
+        return code
     except (UserError, GraphError) as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return 2
