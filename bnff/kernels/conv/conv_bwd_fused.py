@@ -45,8 +45,9 @@ from bnff.kernels import reference as R
 from bnff.hooks.bnff_hooks import bn_relu_grad_prologue
 from bnff.kernels.conv.conv_bwd_data import make_conv_backward_data
 from bnff.kernels.conv.conv_bwd_weights import make_conv_backward_weights
-from bnff.kernels.conv.conv_common import (JB_FLOATS, conv_flops, from_ohwi, identity_epilogue,
-                                 identity_prologue, pixels, row_step, hooked)
+from bnff.kernels.conv.conv_common import (JB_FLOATS, add_partials, conv_flops, from_ohwi,
+                                 identity_epilogue, identity_prologue, pixels, row_step,
+                                 hooked)
 from bnff.kernels.conv.conv_fwd import ConvForward
 from bnff.engine.gemm import KC, MR, NR, make_tile, pack_b, tile
 from bnff.kernels.stage import F32, Cost
@@ -153,10 +154,7 @@ def make_conv_backward_1x1(prologue_dy=identity_prologue, prologue_x=identity_pr
                     for jp in range(npan):
                         epilogue(dx1, dps, rows, mr, jp * NR, min(NR, IC - jp * NR), tid,
                                  epi_args)
-        for r in prange(OC):
-            for t in range(nt - 1):
-                for k in range(IC):
-                    dw2[r, k] += part[t, r, k]
+        add_partials(dw2, part)
 
     def conv_backward_1x1(x, dy, w, dx, dw, stride, pdy_args=(), px_args=(), epi_args=(),
                           ntasks=None, accumulate=False):

@@ -40,8 +40,8 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from bnff.kernels import reference as R
-from bnff.kernels.conv.conv_common import (conv_flops, hooked, identity_prologue, pixels,
-                                           tap_groups)
+from bnff.kernels.conv.conv_common import (add_partials, conv_flops, hooked, identity_prologue,
+                                           pixels, tap_groups)
 from bnff.kernels.conv.conv_direct_bww import make_direct_backward_weights
 from bnff.kernels.conv.conv_fwd import ConvForward
 from bnff.engine.gemm import KC, MC, MR, NR, tile_kmajor
@@ -238,10 +238,7 @@ def make_im2col_backward_weights(prologue_x=identity_prologue, prologue_dy=ident
                                 tile_kmajor(kc, ap, ir * KC, bp, jp * kc * NR, c2, rows, mr,
                                             j0 + jp * NR, K, nr, True, scratch)
         dw2 = dw.reshape(OC, K)
-        for r in prange(OC):
-            for t in range(nt - 1):
-                for k in range(K):
-                    dw2[r, k] += part[t, r, k]
+        add_partials(dw2, part)
 
     def conv_backward_weights_gemm(x, dy, dw, stride, pad, px_args=(), pdy_args=(),
                                    ntasks=None):

@@ -322,6 +322,16 @@ def engine_variants(make) -> dict:
     return {engine: variant(engine) for engine in ("im2col", "direct")}
 
 
+@njit(parallel=True, cache=True)
+def add_partials(out, part):
+    """out[r, k] += sum_t part[t, r, k]: a weight gradient's per-task partials merged into the
+    one the first task accumulated (out [R, K], part [T, R, K]), parallel over rows r."""
+    for r in prange(out.shape[0]):
+        for t in range(part.shape[0]):
+            for k in range(out.shape[1]):
+                out[r, k] += part[t, r, k]
+
+
 # --- the implicit-GEMM engine --------------------------------------------------------------
 
 
