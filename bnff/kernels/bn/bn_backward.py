@@ -25,6 +25,7 @@ from numba import njit
 from bnff.kernels import reference as ref
 from bnff.kernels.rows import (channel_sum, channel_sums, dy_product_sums, merge_blocks,
                                row_blocks)
+from bnff.kernels.bn.bn_normalize import bn_inputs
 from bnff.kernels.stage import F32, Cost, Stage
 
 
@@ -151,14 +152,10 @@ class BNBackward(Stage):
         return s["mb"] * s["ih"] * s["iw"], s["ic"]
 
     def make_inputs(self, rng):
-        s = self.shape
-        c = s["ic"]
-        shape = (s["mb"], s["ih"], s["iw"], c)
-        x = rng.standard_normal(shape, dtype=np.float32) * np.float32(2.0) + np.float32(0.5)
-        xd = x.reshape(-1, c).astype(np.float64)
-        f = lambda v: np.asarray(v, np.float32)
-        return {"dy": rng.standard_normal(shape, dtype=np.float32), "x": x,
-                "mean": f(xd.mean(0)), "var": f(xd.var(0)), "gamma": f(rng.uniform(0.5, 1.5, c))}
+        i = bn_inputs(rng, self.shape)
+        del i["beta"]
+        i["dy"] = rng.standard_normal(i["x"].shape, dtype=np.float32)
+        return i
 
     def allocate_outputs(self):
         s = self.shape

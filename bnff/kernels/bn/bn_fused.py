@@ -55,6 +55,7 @@ from numba import njit
 from bnff.kernels import reference as ref
 from bnff.kernels.rows import channel_sums, dy_product_sums, merge_blocks, row_blocks
 from bnff.kernels.conv.conv_common import pixels
+from bnff.kernels.bn.bn_normalize import bn_inputs
 from bnff.kernels.stage import F32, Cost, Stage
 
 F64 = 8  # bytes per float64
@@ -300,10 +301,6 @@ def _nhwc(t):
     return np.moveaxis(t, 1, 3)
 
 
-def _vec(v):
-    return np.asarray(v, np.float32)
-
-
 class _Fused(Stage):
     """Shape keys: mb, ic, ih, iw. Activations [mb, ih, iw, ic], per-channel vectors [ic]."""
 
@@ -320,11 +317,7 @@ class _Fused(Stage):
 
     def _x(self, rng):
         """A BN input (std 2, mean 0.5) with its batch statistics, gamma and beta."""
-        c = self.shape["ic"]
-        x = rng.standard_normal(self._act(), dtype=np.float32) * np.float32(2.0) + np.float32(0.5)
-        xd = x.reshape(-1, c).astype(np.float64)
-        return {"x": x, "mean": _vec(xd.mean(0)), "var": _vec(xd.var(0)),
-                "gamma": _vec(rng.uniform(0.5, 1.5, c)), "beta": _vec(rng.uniform(-0.5, 0.5, c))}
+        return bn_inputs(rng, self.shape)
 
     def _coefficients(self, i, suffix=""):
         """(a, b) of the BN whose inputs carry `suffix` (bn_coefficients on fresh [C] arrays)."""

@@ -68,6 +68,18 @@ def normalize_affine(X, mean, var, gamma, beta, eps, Y):
     _affine_rows((X, mean, a, beta, Y), X.shape[0])
 
 
+def bn_inputs(rng, shape):
+    """A BN input x [mb, ih, iw, ic] (std 2, mean 0.5) with its batch statistics mean and var,
+    as sub-BN1 gives them, and gamma, beta: the inputs of every BN stage that normalizes."""
+    c = shape["ic"]
+    x = rng.standard_normal((shape["mb"], shape["ih"], shape["iw"], c), dtype=np.float32)
+    x = x * np.float32(2.0) + np.float32(0.5)
+    xd = x.reshape(-1, c).astype(np.float64)
+    f = lambda v: np.asarray(v, np.float32)
+    return {"x": x, "mean": f(xd.mean(0)), "var": f(xd.var(0)),
+            "gamma": f(rng.uniform(0.5, 1.5, c)), "beta": f(rng.uniform(-0.5, 0.5, c))}
+
+
 class BNNormalize(Stage):
     """Shape keys: mb, ic, ih, iw. Inputs x [mb, ih, iw, ic], mean, var, gamma, beta [ic];
     output y like x. eps = 1e-5."""
@@ -83,14 +95,7 @@ class BNNormalize(Stage):
         return s["mb"] * s["ih"] * s["iw"], s["ic"]
 
     def make_inputs(self, rng):
-        s = self.shape
-        c = s["ic"]
-        x = rng.standard_normal((s["mb"], s["ih"], s["iw"], c), dtype=np.float32)
-        x = x * np.float32(2.0) + np.float32(0.5)
-        xd = x.reshape(-1, c).astype(np.float64)  # the batch statistics of x, as sub-BN1 gives
-        f = lambda v: np.asarray(v, np.float32)
-        return {"x": x, "mean": f(xd.mean(0)), "var": f(xd.var(0)),
-                "gamma": f(rng.uniform(0.5, 1.5, c)), "beta": f(rng.uniform(-0.5, 0.5, c))}
+        return bn_inputs(rng, self.shape)
 
     def allocate_outputs(self):
         s = self.shape
