@@ -97,13 +97,12 @@ def test_each_step_of_restructuring_moves_fewer_bytes(plans, net):
 def test_block_buffer_copies_only_block_inputs(plans):
     """bnff+ on DenseNet-121: the only concat traffic is each block input copied into its
     buffer (read + write) and its gradient copied out (read + write): 4 S per block, against
-    a copy of every feature into every later concat in bnff (its forward: the gradients a
-    concat adds into others' are additions, kind `other`, as in PyTorch's profile)."""
+    a copy of every feature into every later concat in bnff."""
     s = sum(16 * h * h * c * 4 for h, c in ((56, 64), (28, 128), (14, 256), (7, 512)))
     concat = lambda sch: sum(st.cost.bytes for st in plans["densenet121"][sch].steps
                              if st.kind == "concat")
     assert concat("bnff+") == 4 * s
-    assert concat("bnff") > 10 * concat("bnff+")
+    assert concat("bnff") > 30 * concat("bnff+")
 
 
 @pytest.mark.parametrize("net", ["densenet121", "resnet50"])

@@ -9,8 +9,7 @@ first contribution in backward order and accumulated by the others (in place whe
 kernel can, else through a temporary and an add). A concatenation's gradient is split as
 PyTorch's CatBackward does it: an input whose gradient it starts gets it as a channel-slice
 view of the concatenation's (no step, no bytes; grad_as_slice says when), and the others'
-contributions are accumulated into that slice (concat_add_out, reading both, writing one; of
-kind `other`, where PyTorch's profile has autograd's add of the same gradients).
+contributions are accumulated into that slice (concat_add_out, reading both, writing one).
 
 The unfused BN sites, per schedule (x the conv output, y the BN output, z the ReLU output):
 
@@ -146,18 +145,15 @@ class Lowering:
                                             eps, shape))
 
     # --- backward ------------------------------------------------------------------------
-    def contribute(self, n, what, kind, target, make, native=False, acc_kind=None):
-        """Emits the step `make(dst, accumulate)` producing a part of d:target; an accumulating
-        step made natively has kind acc_kind if given (a concat's gradient added into the one
-        other consumers started is an addition, `other`, as PyTorch's profiler counts
-        autograd's add of it: bnff/torchref/kinds.py)."""
+    def contribute(self, n, what, kind, target, make, native=False):
+        """Emits the step `make(dst, accumulate)` producing a part of d:target."""
         d = f"d:{target}"
         if target not in self.seen:
             self.seen.add(target)
             self.plan.tensor(d, self.shapes[target])
             self.step(n, what, kind, "backward", make(W(d), False))
         elif native:
-            self.step(n, what, acc_kind or kind, "backward", make(RW(d), True))
+            self.step(n, what, kind, "backward", make(RW(d), True))
         else:
             shape = self.shapes[target]
             tmp = self.plan.tensor(f"{d}@{n.name}", shape)
@@ -219,8 +215,7 @@ class Lowering:
                 else:
                     self.contribute(n, f"bwd {i}", "concat", i,
                                     lambda d, acc, o=off, i=i: ops.concat_split_call(
-                                        dy, d, shape, self.shapes[i], o, acc), native=True,
-                                    acc_kind="other")
+                                        dy, d, shape, self.shapes[i], o, acc), native=True)
                 off += self.shapes[i][3]
         elif n.op == "add":
             for i in n.inputs:

@@ -144,10 +144,10 @@ class BlockLowering(SplitLowering):
         """Not for a block's features: their gradients are slices of the block's already."""
         return x not in self.member and x not in self.copied and super().grad_as_slice(x)
 
-    def contribute(self, n, what, kind, target, make, native=False, acc_kind=None):
+    def contribute(self, n, what, kind, target, make, native=False):
         b = self.member.get(target)
         if b is None:
-            return super().contribute(n, what, kind, target, make, native, acc_kind)
+            return super().contribute(n, what, kind, target, make, native)
         if not b.grad_started:  # d:<buffer> and its slices, mirroring the buffer
             b.grad_started = True
             self.plan.tensor(f"d:{b.name}", self.shapes[b.name])
@@ -174,5 +174,5 @@ class BlockLowering(SplitLowering):
             self.contribute(n, f"copy out of d:{b.name}", "concat", n.name,
                             lambda d, acc: ops.concat_split_call(
                                 R(f"d:{b.name}"), d, self.shapes[b.name], self.shapes[n.name],
-                                b.offsets[t], acc), native=True, acc_kind="other")
+                                b.offsets[t], acc), native=True)
         super().backward(n)

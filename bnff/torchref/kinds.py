@@ -2,8 +2,6 @@
 iteration, from torch.profiler: each aten / autograd op's self CPU time (wall time on the
 calling thread, so intra-op threads are inside it) goes to the kind its name names, the rest
 (loss, linear, additions, gradient accumulation, copies, the autograd engine) to `other`.
-The suite's plans give the same work the same kind: a concatenation's gradient added into the
-gradient other consumers started (concat_add_out) is `other` there too (bnff/lowering/lower.py).
 PyTorch runs an in-place ReLU as clamp_min_ and the global average pool (adaptive_avg_pool2d
 to 1x1, channels_last) as mean, whose backward is MeanBackward: those count as relu and pool.
 """
