@@ -92,6 +92,23 @@ def test_kind_mapping():
         "other", "other", "other"]
 
 
+def test_an_op_counts_as_the_kind_of_its_nearest_enclosing_op_that_names_one():
+    """autograd's accumulation adds run inside CatBackward0's evaluation (concat, as the
+    suite's concat_add_out); a max-pool backward's zeroing is pool; a lone add is other."""
+    from types import SimpleNamespace as Ev
+
+    from bnff.torchref.kinds import by_kind
+    cat = Ev(name="autograd::engine::evaluate_function: CatBackward0", cpu_parent=None,
+             self_cpu_time_total=1e6)
+    pool = Ev(name="aten::max_pool2d_with_indices_backward", cpu_parent=None,
+              self_cpu_time_total=3e6)
+    zero = Ev(name="aten::zero_", cpu_parent=pool, self_cpu_time_total=0.0)
+    events = [cat, Ev(name="aten::add_", cpu_parent=cat, self_cpu_time_total=2e6), pool, zero,
+              Ev(name="aten::fill_", cpu_parent=zero, self_cpu_time_total=4e6),
+              Ev(name="aten::add", cpu_parent=None, self_cpu_time_total=5e6)]
+    assert by_kind(events) == dict(conv=0.0, bn=0.0, relu=0.0, concat=3.0, pool=7.0, other=5.0)
+
+
 def test_micro_torch_variant_of_every_stage_it_has():
     pytest.importorskip("torch")
     from bnff.torchref.stages import OPS, TorchOp

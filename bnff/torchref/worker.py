@@ -36,7 +36,7 @@ def profile(model, x, labels, repeat: int) -> dict:
     for _ in range(repeat):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             step(model, x, labels)
-        for k, s in by_kind(prof.key_averages()).items():
+        for k, s in by_kind(prof.events()).items():
             per[k].append(s)
     return {k: statistics.median(v) for k, v in per.items()}
 
