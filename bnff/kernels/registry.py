@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from bnff.kernels import linear, loss, pool  # noqa: F401  (each import registers its stages)
 from bnff.kernels.bn import bn_backward, bn_fused, bn_normalize, bn_scale, bn_stats  # noqa: F401
-from bnff.kernels.conv import conv_bwd_data, conv_bwd_fused, conv_bwd_weights  # noqa: F401
-from bnff.kernels.conv import conv_fused, conv_fwd, conv_hooked  # noqa: F401
-from bnff.kernels.elementwise import add, concat, relu  # noqa: F401
+from bnff.kernels.conv import conv_bias, conv_bwd_data, conv_bwd_fused  # noqa: F401
+from bnff.kernels.conv import conv_bwd_weights, conv_fused, conv_fwd, conv_hooked  # noqa: F401
+from bnff.kernels.elementwise import add, concat, flatten, relu  # noqa: F401
 from bnff.kernels.stage import REGISTRY, DescriptorError, Stage
 
 STAGES: dict = dict(sorted(REGISTRY.items()))

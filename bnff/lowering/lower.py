@@ -146,7 +146,10 @@ class Lowering:
 
     # --- backward ------------------------------------------------------------------------
     def contribute(self, n, what, kind, target, make, native=False):
-        """Emits the step `make(dst, accumulate)` producing a part of d:target."""
+        """Emits the step `make(dst, accumulate)` producing a part of d:target. Adding the part
+        through a temporary is a step of the contribution's kind: PyTorch's autograd adds a
+        gradient into the one others started while it evaluates the node that made it, and
+        the profile maps it to that node's kind (bnff/torchref/kinds.py)."""
         d = f"d:{target}"
         if target not in self.seen:
             self.seen.add(target)
@@ -158,7 +161,7 @@ class Lowering:
             shape = self.shapes[target]
             tmp = self.plan.tensor(f"{d}@{n.name}", shape)
             self.step(n, what, kind, "backward", make(W(tmp), False))
-            self.step(n, f"accumulate d:{target}", "other", "backward",
+            self.step(n, f"accumulate d:{target}", kind, "backward",
                       ops.concat_split_call(R(tmp), RW(d), shape, shape, 0, True)
                       if self.plan.strided(d) else ops.add_call(R(d), R(tmp), RW(d), shape))
 
