@@ -31,7 +31,7 @@ from numba import njit, prange
 
 from bnff.kernels import reference as ref
 from bnff.kernels.conv.conv_common import pixels
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, ActivationStage, Cost, Stage
 
 
 @njit(inline="always")
@@ -339,20 +339,15 @@ class AvgPoolBackward(_Pool):
         return Cost(flops=nin, bytes_read=nout * F32, bytes_written=nin * F32)
 
 
-class GlobalAvgPoolForward(Stage):
+class GlobalAvgPoolForward(ActivationStage):
     """Shape keys: mb, ic, ih, iw. Input x [mb, ih, iw, ic]; output y [mb, ic]."""
 
     name = "gap_fwd"
-    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
     variants = {"direct": gap_forward}
     default = "direct"
 
-    def _in(self):
-        s = self.shape
-        return (s["mb"], s["ih"], s["iw"], s["ic"])
-
     def make_inputs(self, rng):
-        return {"x": rng.standard_normal(self._in(), dtype=np.float32)}
+        return {"x": rng.standard_normal(self._act(), dtype=np.float32)}
 
     def allocate_outputs(self):
         return {"y": np.empty((self.shape["mb"], self.shape["ic"]), np.float32)}
@@ -364,7 +359,7 @@ class GlobalAvgPoolForward(Stage):
         return {"y": ref.global_avgpool_forward(_nchw64(inputs["x"]))}
 
     def cost(self, variant):
-        n = int(np.prod(self._in()))
+        n = int(np.prod(self._act()))
         out = self.shape["mb"] * self.shape["ic"]
         return Cost(flops=n, bytes_read=n * F32, bytes_written=out * F32)
 
@@ -380,17 +375,17 @@ class GlobalAvgPoolBackward(GlobalAvgPoolForward):
         return {"dy": rng.standard_normal((self.shape["mb"], self.shape["ic"]), dtype=np.float32)}
 
     def allocate_outputs(self):
-        return {"dx": np.empty(self._in(), np.float32)}
+        return {"dx": np.empty(self._act(), np.float32)}
 
     def run(self, variant, inputs, outputs):
         self.variants[variant](inputs["dy"], outputs["dx"])
 
     def reference(self, inputs):
-        n, h, w, c = self._in()
+        n, h, w, c = self._act()
         dx = ref.global_avgpool_backward(inputs["dy"].astype(np.float64), (n, c, h, w))
         return {"dx": _nhwc(dx)}
 
     def cost(self, variant):
-        n = int(np.prod(self._in()))
+        n = int(np.prod(self._act()))
         out = self.shape["mb"] * self.shape["ic"]
         return Cost(flops=n, bytes_read=out * F32, bytes_written=n * F32)

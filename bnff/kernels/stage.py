@@ -151,3 +151,20 @@ class Stage:
             scale = max(float(np.max(np.abs(r))), 1e-30)
             worst = max(worst, float(np.max(np.abs(o - r))) / scale)
         return worst
+
+
+class ActivationStage(Stage):
+    """A stage over NHWC activations [mb, ih, iw, ic] (shape keys mb, ic, ih, iw), which its
+    kernels view as [M, C] rows, M = mb*ih*iw."""
+
+    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
+
+    def _size(self):
+        """(M, C) of the [M, C] view."""
+        s = self.shape
+        return s["mb"] * s["ih"] * s["iw"], s["ic"]
+
+    def _act(self):
+        """The NHWC shape."""
+        s = self.shape
+        return (s["mb"], s["ih"], s["iw"], s["ic"])

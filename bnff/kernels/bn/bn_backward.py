@@ -26,7 +26,7 @@ from bnff.kernels import reference as ref
 from bnff.kernels.rows import (channel_sum, channel_sums, dy_product_sums, merge_blocks,
                                row_blocks)
 from bnff.kernels.bn.bn_normalize import bn_inputs
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, ActivationStage, Cost
 
 
 @njit(inline="always")
@@ -137,19 +137,14 @@ def backward_two_pass(DY, X, mean, var, gamma, eps, dgamma, dbeta, DX):
     dx_affine(DY, X, mean, var, gamma, eps, dgamma, dbeta, DX)
 
 
-class BNBackward(Stage):
+class BNBackward(ActivationStage):
     """Shape keys: mb, ic, ih, iw. Inputs dy, x [mb, ih, iw, ic], mean, var, gamma [ic]
     (the forward's batch statistics); outputs dx like x, dgamma, dbeta [ic]. eps = 1e-5."""
 
     name = "bn_backward"
     variants = {"three_pass": backward_three_pass, "two_pass": backward_two_pass}
     default = "two_pass"
-    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
     eps = 1e-5
-
-    def _size(self):
-        s = self.shape
-        return s["mb"] * s["ih"] * s["iw"], s["ic"]
 
     def make_inputs(self, rng):
         i = bn_inputs(rng, self.shape)

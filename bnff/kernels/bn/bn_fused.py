@@ -56,7 +56,7 @@ from bnff.kernels import reference as ref
 from bnff.kernels.rows import channel_sums, dy_product_sums, merge_blocks, row_blocks
 from bnff.kernels.conv.conv_common import pixels
 from bnff.kernels.bn.bn_normalize import bn_inputs
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, ActivationStage, Cost
 
 F64 = 8  # bytes per float64
 
@@ -301,19 +301,10 @@ def _nhwc(t):
     return np.moveaxis(t, 1, 3)
 
 
-class _Fused(Stage):
+class _Fused(ActivationStage):
     """Shape keys: mb, ic, ih, iw. Activations [mb, ih, iw, ic], per-channel vectors [ic]."""
 
     eps = 1e-5
-    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
-
-    def _size(self):
-        s = self.shape
-        return s["mb"] * s["ih"] * s["iw"], s["ic"]
-
-    def _act(self):
-        s = self.shape
-        return (s["mb"], s["ih"], s["iw"], s["ic"])
 
     def _x(self, rng):
         """A BN input (std 2, mean 0.5) with its batch statistics, gamma and beta."""

@@ -23,7 +23,7 @@ from numba import njit
 
 from bnff.kernels import reference as ref
 from bnff.kernels.rows import row_blocks
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, ActivationStage, Cost
 
 
 @njit(inline="always")
@@ -80,19 +80,14 @@ def bn_inputs(rng, shape):
             "gamma": f(rng.uniform(0.5, 1.5, c)), "beta": f(rng.uniform(-0.5, 0.5, c))}
 
 
-class BNNormalize(Stage):
+class BNNormalize(ActivationStage):
     """Shape keys: mb, ic, ih, iw. Inputs x [mb, ih, iw, ic], mean, var, gamma, beta [ic];
     output y like x. eps = 1e-5."""
 
     name = "bn_normalize"
     variants = {"naive": normalize_naive, "affine": normalize_affine}
     default = "affine"
-    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
     eps = 1e-5
-
-    def _size(self):
-        s = self.shape
-        return s["mb"] * s["ih"] * s["iw"], s["ic"]
 
     def make_inputs(self, rng):
         return bn_inputs(rng, self.shape)

@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit
 
 from bnff.kernels.rows import channel_sums, merge_blocks, row_blocks
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, ActivationStage, Cost
 
 
 @njit(inline="always")
@@ -61,17 +61,13 @@ def scale_backward(DY, XH, gamma, dgamma, dbeta, DXH):
     merge_blocks(part[:, 1], 1.0, dgamma)
 
 
-class BNScale(Stage):
+class BNScale(ActivationStage):
     """Shape keys: mb, ic, ih, iw. Forward: inputs xh, gamma, beta; output y."""
 
     name = "bn_scale"
     variants = {"forward": scale_forward}
     default = "forward"
     examples = ("mb2ic64ih7iw7", "mb1ic13ih5iw3")
-
-    def _size(self):
-        s = self.shape
-        return s["mb"] * s["ih"] * s["iw"], s["ic"]
 
     def make_inputs(self, rng):
         m, c = self._size()

@@ -29,7 +29,7 @@ from numba import njit, prange
 from bnff.kernels import reference as ref
 from bnff.kernels.rows import (BLOCKS, TILE_ROWS, block_rows, channel_sums, merge_blocks,
                                     row_sum, tile_sums)
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, ActivationStage, Cost
 
 
 @njit(inline="always")
@@ -182,18 +182,13 @@ def stats_shifted_pairs(X, mean, var):
     _shifted_moments(k, part, m, mean, var)
 
 
-class BNStats(Stage):
+class BNStats(ActivationStage):
     """Shape keys: mb, ic, ih, iw. Inputs x [mb, ih, iw, ic]; outputs mean, var [ic]."""
 
     name = "bn_stats"
     variants = {"two_pass": stats_two_pass, "shifted": stats_shifted, "chan": stats_chan,
                 "shifted_pairs": stats_shifted_pairs}
     default = "shifted_pairs"
-    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
-
-    def _size(self):
-        s = self.shape
-        return s["mb"] * s["ih"] * s["iw"], s["ic"]
 
     def make_inputs(self, rng):
         s = self.shape

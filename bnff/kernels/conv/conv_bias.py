@@ -23,7 +23,7 @@ from numba import njit
 
 from bnff.kernels import reference as ref
 from bnff.kernels.rows import channel_sum
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, ActivationStage, Cost
 
 bias_grad = channel_sum  # db[c] = sum_r DY[r, c]: reads DY once
 
@@ -35,19 +35,15 @@ def bias_grad_bn(a, p, q, dbeta, mean, m, db):
         db[j] = a[j] * np.float64(dbeta[j]) + m * (p[j] * np.float64(mean[j]) + q[j])
 
 
-class ConvBiasBackward(Stage):
+class ConvBiasBackward(ActivationStage):
     """Shape keys: mb, ic, ih, iw (of dy). Input dy [mb, ih, iw, ic]; output db [ic]."""
 
     name = "conv_bias_bwd"
     variants = {"prange": lambda dy, db: bias_grad(dy.reshape(-1, dy.shape[-1]), db)}
     default = "prange"
 
-    def _shape(self):
-        s = self.shape
-        return (s["mb"], s["ih"], s["iw"], s["ic"])
-
     def make_inputs(self, rng):
-        return {"dy": rng.standard_normal(self._shape(), dtype=np.float32) + np.float32(3.0)}
+        return {"dy": rng.standard_normal(self._act(), dtype=np.float32) + np.float32(3.0)}
 
     def allocate_outputs(self):
         return {"db": np.empty(self.shape["ic"], np.float32)}
@@ -59,5 +55,5 @@ class ConvBiasBackward(Stage):
         return {"db": ref.conv2d_bias_backward(np.moveaxis(inputs["dy"], 3, 1).astype(np.float64))}
 
     def cost(self, variant):
-        n = int(np.prod(self._shape()))
+        n = int(np.prod(self._act()))
         return Cost(flops=n, bytes_read=n * F32, bytes_written=self.shape["ic"] * F32)

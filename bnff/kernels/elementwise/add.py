@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from bnff.kernels import reference as ref
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, ActivationStage, Cost
 
 
 # 1. numpy: a framework-style single-threaded ufunc into the preallocated output.
@@ -29,25 +29,20 @@ def add(a, b, y):
         y[i] = a[i] + b[i]
 
 
-class Add(Stage):
+class Add(ActivationStage):
     """Shape keys: mb, ic, ih, iw. Inputs a, b, output y, all [mb, ih, iw, ic]."""
 
     name = "add"
     variants = {"numpy": add_numpy, "prange": add}
     default = "prange"
-    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
-
-    def _shape(self):
-        s = self.shape
-        return (s["mb"], s["ih"], s["iw"], s["ic"])
 
     def make_inputs(self, rng):
-        shape = self._shape()
+        shape = self._act()
         return {"a": rng.standard_normal(shape, dtype=np.float32),
                 "b": rng.standard_normal(shape, dtype=np.float32)}
 
     def allocate_outputs(self):
-        return {"y": np.empty(self._shape(), np.float32)}
+        return {"y": np.empty(self._act(), np.float32)}
 
     def run(self, variant, inputs, outputs):
         self.variants[variant](inputs["a"].reshape(-1), inputs["b"].reshape(-1),
@@ -58,5 +53,5 @@ class Add(Stage):
         return {"y": np.moveaxis(ref.add_forward(t(inputs["a"]), t(inputs["b"])), 1, 3)}
 
     def cost(self, variant):
-        n = int(np.prod(self._shape()))
+        n = int(np.prod(self._act()))
         return Cost(flops=n, bytes_read=2 * n * F32, bytes_written=n * F32)

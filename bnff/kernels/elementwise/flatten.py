@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from bnff.kernels import reference as ref
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, ActivationStage, Cost
 
 
 @njit(parallel=True, cache=True)
@@ -45,14 +45,15 @@ def _nchw64(a):
     return np.moveaxis(a, 3, 1).astype(np.float64)
 
 
-class _Flatten(Stage):
+class _Flatten(ActivationStage):
     """Shape keys: mb, ic, ih, iw (of the 4-d side)."""
 
     default = "prange"
+    examples = ("mb2ic64ih7iw7", "mb1ic3ih5iw3")
 
     def _shapes(self):
         s = self.shape
-        return (s["mb"], s["ih"], s["iw"], s["ic"]), (s["mb"], s["ic"] * s["ih"] * s["iw"])
+        return self._act(), (s["mb"], s["ic"] * s["ih"] * s["iw"])
 
     def cost(self, variant):
         n = int(np.prod(self._shapes()[0]))

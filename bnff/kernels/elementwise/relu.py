@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange
 
 from bnff.kernels import reference as ref
-from bnff.kernels.stage import F32, Cost, Stage
+from bnff.kernels.stage import F32, ActivationStage, Cost
 
 
 # 1. numpy: a framework-style single-threaded ufunc into the preallocated output.
@@ -42,27 +42,22 @@ def relu_backward(dy, y, dx):
         dx[i] = g if y[i] > 0 else np.float32(0.0)
 
 
-def _nhwc(s):
-    return (s["mb"], s["ih"], s["iw"], s["ic"])
-
-
 def _nchw64(a):
     return np.moveaxis(a, 3, 1).astype(np.float64)
 
 
-class ReLUForward(Stage):
+class ReLUForward(ActivationStage):
     """Shape keys: mb, ic, ih, iw. Input x, output y, both [mb, ih, iw, ic]."""
 
     name = "relu_fwd"
     variants = {"numpy": relu_forward_numpy, "prange": relu_forward}
     default = "prange"
-    examples = ("mb2ic256ih7iw7", "mb1ic64ih14iw14", "mb2ic3ih5iw3")
 
     def make_inputs(self, rng):
-        return {"x": rng.standard_normal(_nhwc(self.shape), dtype=np.float32)}
+        return {"x": rng.standard_normal(self._act(), dtype=np.float32)}
 
     def allocate_outputs(self):
-        return {"y": np.empty(_nhwc(self.shape), np.float32)}
+        return {"y": np.empty(self._act(), np.float32)}
 
     def run(self, variant, inputs, outputs):
         self.variants[variant](inputs["x"].reshape(-1), outputs["y"].reshape(-1))
@@ -71,11 +66,11 @@ class ReLUForward(Stage):
         return {"y": np.moveaxis(ref.relu_forward(_nchw64(inputs["x"])), 1, 3)}
 
     def cost(self, variant):
-        n = int(np.prod(_nhwc(self.shape)))
+        n = int(np.prod(self._act()))
         return Cost(flops=n, bytes_read=n * F32, bytes_written=n * F32)
 
 
-class ReLUBackward(Stage):
+class ReLUBackward(ActivationStage):
     """Shape keys: mb, ic, ih, iw. Inputs dy and y (forward output), output dx."""
 
     name = "relu_bwd"
@@ -84,12 +79,12 @@ class ReLUBackward(Stage):
     default = "prange"
 
     def make_inputs(self, rng):
-        shape = _nhwc(self.shape)
+        shape = self._act()
         y = np.maximum(rng.standard_normal(shape, dtype=np.float32), np.float32(0.0))
         return {"dy": rng.standard_normal(shape, dtype=np.float32), "y": y}
 
     def allocate_outputs(self):
-        return {"dx": np.empty(_nhwc(self.shape), np.float32)}
+        return {"dx": np.empty(self._act(), np.float32)}
 
     def run(self, variant, inputs, outputs):
         self.variants[variant](inputs["dy"].reshape(-1), inputs["y"].reshape(-1),
@@ -100,5 +95,5 @@ class ReLUBackward(Stage):
         return {"dx": np.moveaxis(dx, 1, 3)}
 
     def cost(self, variant):
-        n = int(np.prod(_nhwc(self.shape)))
+        n = int(np.prod(self._act()))
         return Cost(flops=n, bytes_read=2 * n * F32, bytes_written=n * F32)
