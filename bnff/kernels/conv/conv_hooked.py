@@ -81,6 +81,70 @@ def _prologues_ref(st, inputs):
                                 _tagged(inputs, "pdy", np.float64))}
 
 
+def _parse_hooks(cls, text, parse_conv, parts):
+    """(the stage, [hooks]) of `<conv shape><marker><hook name>..` for `parts`, (marker, table of
+    hooks by name) in order; parse_conv(shape text) makes the stage (its DescriptorError for a
+    bad shape comes first), a hook part missing or unknown is this DescriptorError."""
+    head, names = text, []
+    for marker, _ in reversed(parts):
+        rest, sep, name = head.rpartition(marker)
+        head = rest if sep else head
+        names.insert(0, name if sep else None)
+    st = parse_conv(head)
+    if any(name not in table for name, (_, table) in zip(names, parts)):
+        form = "".join(f"{marker}<hook>" for marker, _ in parts)
+        raise DescriptorError(
+            f"descriptor {text!r} does not fit stage {cls.name}: it ends {form} with "
+            + ", ".join(f"{marker.strip('_-')} one of {', '.join(table)}"
+                        for marker, table in parts))
+    return st, [table[name] for name, (_, table) in zip(names, parts)]
+
+
+class _AddsIntoDx:
+    """A backward conv whose descriptor ends _acc adds into dx: dx starts as the input dx0
+    (Stage.accumulates), the conv is added to it and the epilogue sees the sum; its cost adds
+    the read of dx and one add per element. Before the hooked stage in the bases."""
+
+    ACC = "_acc"
+    acc = False
+
+    def set_acc(self, acc: bool):
+        self.acc = acc
+        self.accumulates = {"dx": "dx0"} if acc else {}
+
+    def descriptor(self) -> str:
+        return super().descriptor() + (self.ACC if self.acc else "")
+
+    @classmethod
+    def from_descriptor(cls, text):
+        body = text.removesuffix(cls.ACC)
+        st = super().from_descriptor(body)
+        st.set_acc(body != text)
+        return st
+
+    def planned(self):
+        return self if self.acc else super().planned()
+
+    def _dx_shape(self):
+        mb, ic, ih, iw = self.dims()[:4]
+        return (mb, ih, iw, ic)
+
+    def make_inputs(self, rng):
+        ins = super().make_inputs(rng)
+        if self.acc:
+            ins["dx0"] = rng.standard_normal(self._dx_shape(), dtype=np.float32)
+        return ins
+
+    def dx_start(self, inputs):
+        """What the float64 reference adds the conv to."""
+        return inputs["dx0"].astype(np.float64) if self.acc else 0.0
+
+    def cost(self, variant):
+        c = super().cost(variant)
+        n = int(np.prod(self._dx_shape()))
+        return c + Cost(n, n * F32, 0) if self.acc else c
+
+
 class _Hooked:
     """What both directions share; `base` is the unhooked stage (shape, conv cost, operands),
     `src`/`dst` the names of the operand the prologue hooks and the output the epilogue does."""
@@ -104,15 +168,8 @@ class _Hooked:
 
     @classmethod
     def from_descriptor(cls, text):
-        conv, sep, hooks = text.partition("_pro-")
-        pro, sep2, epi = hooks.partition("_epi-")
-        st = super().from_descriptor(conv)  # DescriptorError for a bad conv shape
-        if not (sep and sep2) or pro not in PROLOGUES or epi not in EPILOGUES:
-            raise DescriptorError(
-                f"descriptor {text!r} does not fit stage {cls.name}: it ends "
-                f"_pro-P_epi-E with P one of {', '.join(PROLOGUES)} and E one of "
-                f"{', '.join(EPILOGUES)}")
-        st.pro, st.epi = PROLOGUES[pro], EPILOGUES[epi]
+        st, (st.pro, st.epi) = _parse_hooks(cls, text, super().from_descriptor,
+                                            (("_pro-", PROLOGUES), ("_epi-", EPILOGUES)))
         return st
 
     def make_inputs(self, rng):
@@ -184,39 +241,17 @@ class ConvFwdHooked(_Hooked, ConvForward):
             inputs, lambda x: R.conv2d_forward(x, w, self.shape["sh"], self.shape["ph"]))
 
 
-class ConvBwdDataHooked(_Hooked, ConvBackwardData):
+class ConvBwdDataHooked(_AddsIntoDx, _Hooked, ConvBackwardData):
     name = "conv_bwd_data_hooked"
     base, src, dst = ConvBackwardData, "dy", "dx"
     variants = {"direct": bwd_data_direct}
     default = "direct"
     examples = ("mb2ic19ih6iw5oc8kh3kw3sh1ph1_pro-bn_relu_grad_epi-relu_sums",
                 "mb2ic19ih6iw5oc8kh3kw3sh1ph1_pro-bn_relu_grad_epi-relu_sums_acc")
-    ACC = "_acc"
 
     def __init__(self, shape: dict, pro=IDENTITY_PROLOGUE, epi=IDENTITY_EPILOGUE, acc=False):
         super().__init__(shape, pro, epi)
-        self.acc = acc
-        self.accumulates = {"dx": "dx0"} if acc else {}
-
-    def descriptor(self) -> str:
-        return super().descriptor() + (self.ACC if self.acc else "")
-
-    @classmethod
-    def from_descriptor(cls, text):
-        acc = text.endswith(cls.ACC)
-        st = super().from_descriptor(text[:-len(cls.ACC)] if acc else text)
-        st.acc, st.accumulates = acc, ({"dx": "dx0"} if acc else {})
-        return st
-
-    def planned(self):
-        return self if self.acc else super().planned()
-
-    def make_inputs(self, rng):
-        ins = super().make_inputs(rng)
-        if self.acc:
-            mb, ic, ih, iw = self.dims()[:4]
-            ins["dx0"] = rng.standard_normal((mb, ih, iw, ic), dtype=np.float32)
-        return ins
+        self.set_acc(acc)
 
     def run(self, variant, inputs, outputs):
         self.variants[variant](self, inputs, outputs)
@@ -224,20 +259,10 @@ class ConvBwdDataHooked(_Hooked, ConvBackwardData):
     def reference(self, inputs):
         mb, ic, ih, iw = self.dims()[:4]
         w = from_ohwi(inputs["w"]).astype(np.float64)
-        start = inputs["dx0"].astype(np.float64) if self.acc else 0.0
         return self.hooked_reference(
             inputs, lambda dy: R.conv2d_backward(dy, np.zeros((mb, ic, ih, iw)), w,
-                                                 self.shape["sh"], self.shape["ph"])[0], start)
-
-    def cost(self, variant):
-        """The hooked conv's, plus, when it accumulates, the read of dx and one add per
-        element."""
-        c = super().cost(variant)
-        if self.acc:
-            mb, ic, ih, iw = self.dims()[:4]
-            n = mb * ih * iw * ic
-            c = c + Cost(n, n * F32, 0)
-        return c
+                                                 self.shape["sh"], self.shape["ph"])[0],
+            self.dx_start(inputs))
 
 
 def bww_direct(st, inputs, outputs):
@@ -268,14 +293,8 @@ class ConvBwdWeightsHooked(ConvBackwardWeights):
 
     @classmethod
     def from_descriptor(cls, text):
-        conv, sep, hooks = text.partition("_prox-")
-        pro_x, sep2, pro_dy = hooks.partition("_prody-")
-        st = super().from_descriptor(conv)  # DescriptorError for a bad conv shape
-        if not (sep and sep2) or pro_x not in PROLOGUES or pro_dy not in PROLOGUES:
-            raise DescriptorError(
-                f"descriptor {text!r} does not fit stage {cls.name}: it ends "
-                f"_prox-P_prody-Q with P and Q each one of {', '.join(PROLOGUES)}")
-        st.pro_x, st.pro_dy = PROLOGUES[pro_x], PROLOGUES[pro_dy]
+        st, (st.pro_x, st.pro_dy) = _parse_hooks(
+            cls, text, super().from_descriptor, (("_prox-", PROLOGUES), ("_prody-", PROLOGUES)))
         return st
 
     def planned(self):
@@ -315,7 +334,48 @@ def one_pass_hooked(st, inputs, outputs):
         _merge_sums(outputs, nt)
 
 
-class ConvBwd1x1Hooked(ConvBackward1x1):
+class _OnePassHooks(ConvBackward1x1):
+    """The hooks of conv_bwd_1x1_hooked, in its descriptor after the plain shape (without
+    conv_bwd_1x1's own _bn_relu_grad suffix)."""
+
+    def __init__(self, shape: dict, pro_x=IDENTITY_PROLOGUE, pro_dy=IDENTITY_PROLOGUE,
+                 epi=IDENTITY_EPILOGUE):
+        super().__init__(shape)
+        self.pro_x, self.pro_dy, self.epi = pro_x, pro_dy, epi
+
+    def descriptor(self) -> str:
+        return (f"{ConvForward.descriptor(self)}_prox-{self.pro_x.name}"
+                f"_prody-{self.pro_dy.name}_epi-{self.epi.name}")
+
+    @classmethod
+    def from_descriptor(cls, text):
+        st, (st.pro_x, st.pro_dy, st.epi) = _parse_hooks(
+            cls, text, super(ConvBackward1x1, cls).from_descriptor,
+            (("_prox-", PROLOGUES), ("_prody-", PROLOGUES), ("_epi-", EPILOGUES)))
+        return st
+
+    def planned(self):
+        """The plain conv_bwd_1x1 stage when every hook is an identity (the same kernel as its
+        one_pass variant), else this one."""
+        plain = (self.pro_x, self.pro_dy, self.epi) == \
+            (IDENTITY_PROLOGUE, IDENTITY_PROLOGUE, IDENTITY_EPILOGUE)
+        return ConvBackward1x1(self.shape) if plain else self
+
+    def make_inputs(self, rng):
+        ins = super().make_inputs(rng)
+        dx = ins["x"].shape
+        ins.update(_hook_inputs("px", self.pro_x, rng, dx))
+        ins.update(_hook_inputs("pdy", self.pro_dy, rng, ins["dy"].shape))
+        ins.update(_hook_inputs("epi", self.epi, rng, dx))
+        return ins
+
+    def cost(self, variant):
+        mb, ic, ih, iw, oc, _, _, oh, ow = self.dims()
+        return ConvBackward1x1.cost(self, "one_pass") + Cost(
+            0, self.pro_dy.bytes((mb, oh, ow, oc)) + self.epi.bytes((mb, ih, iw, ic)), 0)
+
+
+class ConvBwd1x1Hooked(_AddsIntoDx, _OnePassHooks):
     """Both gradients of a 1x1 conv in one pass over dy (conv_bwd_fused), with x recomputed
     by pro_x, dy formed by pro_dy and dx's epilogue epi, adding into dx when it ends _acc.
     Inputs x, dy, w, px0.., pdy0.., epi0.. (and dx0); outputs dx, dw (and s1, s2 with their
@@ -327,52 +387,11 @@ class ConvBwd1x1Hooked(ConvBackward1x1):
     default = "one_pass"
     examples = ("mb2ic16ih7iw7oc8kh1kw1sh1ph0_prox-bn_relu_prody-bn_grad_epi-relu_sums",
                 "mb2ic16ih7iw7oc8kh1kw1sh1ph0_prox-bn_relu_prody-bn_grad_epi-relu_sums_acc")
-    ACC = "_acc"
 
     def __init__(self, shape: dict, pro_x=IDENTITY_PROLOGUE, pro_dy=IDENTITY_PROLOGUE,
                  epi=IDENTITY_EPILOGUE, acc=False):
-        super().__init__(shape)
-        self.pro_x, self.pro_dy, self.epi, self.acc = pro_x, pro_dy, epi, acc
-        self.accumulates = {"dx": "dx0"} if acc else {}
-
-    def descriptor(self) -> str:
-        return (f"{ConvForward.descriptor(self)}_prox-{self.pro_x.name}"
-                f"_prody-{self.pro_dy.name}_epi-{self.epi.name}" + (self.ACC if self.acc else ""))
-
-    @classmethod
-    def from_descriptor(cls, text):
-        acc = text.endswith(cls.ACC)
-        body = text[:-len(cls.ACC)] if acc else text
-        conv, sep, hooks = body.partition("_prox-")
-        pro_x, sep2, rest = hooks.partition("_prody-")
-        pro_dy, sep3, epi = rest.partition("_epi-")
-        st = super(ConvBackward1x1, cls).from_descriptor(conv)  # DescriptorError: bad shape
-        if not (sep and sep2 and sep3) or pro_x not in PROLOGUES or pro_dy not in PROLOGUES \
-                or epi not in EPILOGUES:
-            raise DescriptorError(
-                f"descriptor {text!r} does not fit stage {cls.name}: it ends "
-                f"_prox-P_prody-Q_epi-E (then _acc when it adds into dx) with P and Q each one "
-                f"of {', '.join(PROLOGUES)} and E one of {', '.join(EPILOGUES)}")
-        st.pro_x, st.pro_dy, st.epi = PROLOGUES[pro_x], PROLOGUES[pro_dy], EPILOGUES[epi]
-        st.acc, st.accumulates = acc, ({"dx": "dx0"} if acc else {})
-        return st
-
-    def planned(self):
-        """The plain conv_bwd_1x1 stage when every hook is an identity and dx is not added
-        into (the same kernel as its one_pass variant), else this one."""
-        plain = (self.pro_x, self.pro_dy, self.epi) == \
-            (IDENTITY_PROLOGUE, IDENTITY_PROLOGUE, IDENTITY_EPILOGUE) and not self.acc
-        return ConvBackward1x1(self.shape) if plain else self
-
-    def make_inputs(self, rng):
-        ins = super().make_inputs(rng)
-        dx = ins["x"].shape
-        ins.update(_hook_inputs("px", self.pro_x, rng, dx))
-        ins.update(_hook_inputs("pdy", self.pro_dy, rng, ins["dy"].shape))
-        ins.update(_hook_inputs("epi", self.epi, rng, dx))
-        if self.acc:
-            ins["dx0"] = rng.standard_normal(dx, dtype=np.float32)
-        return ins
+        super().__init__(shape, pro_x, pro_dy, epi)
+        self.set_acc(acc)
 
     def allocate_outputs(self):
         out = super().allocate_outputs()
@@ -385,15 +404,6 @@ class ConvBwd1x1Hooked(ConvBackward1x1):
         v = _prologues_ref(self, inputs)
         dx, dw = R.conv2d_backward(_nchw(v["dy"]), _nchw(v["x"]),
                                    from_ohwi(inputs["w"]).astype(np.float64), self.shape["sh"], 0)
-        start = inputs["dx0"].astype(np.float64) if self.acc else 0.0
-        d, sums = self.epi.ref(start + _nhwc(dx), _tagged(inputs, "epi", np.float64))
+        d, sums = self.epi.ref(self.dx_start(inputs) + _nhwc(dx),
+                               _tagged(inputs, "epi", np.float64))
         return {"dx": d, "dw": _nhwc(dw), **dict(zip(("s1", "s2"), sums))}
-
-    def cost(self, variant):
-        mb, ic, ih, iw, oc, _, _, oh, ow = self.dims()
-        c = ConvBackward1x1.cost(self, "one_pass") + Cost(
-            0, self.pro_dy.bytes((mb, oh, ow, oc)) + self.epi.bytes((mb, ih, iw, ic)), 0)
-        if self.acc:
-            n = mb * ih * iw * ic
-            c = c + Cost(n, n * F32, 0)
-        return c
