@@ -18,7 +18,9 @@ stage, so one conv has one name in every plan. Inputs are the conv's and
 each hook's (Hook.inputs, for the operand it hooks); outputs the conv's, and for an epilogue
 with sums also s1, s2 (float64 [C], merged over the per-task partials p1, p2 after the call);
 the reference is the float64 conv between the hooks' Hook.ref. One variant, the engine the
-lowering compiles the hooks into (direct); the cost, which the lowering's step declares too, is
+lowering compiles the hooks into (direct; conv_bwd_1x1_hooked also has two_kernels, the hooked
+direct backward-data and backward-weights, to set the one pass against); the cost, which the
+lowering's step declares too, is
 the unhooked stage's plus the bytes the hooks read (Hook.bytes). The merge of p1, p2 into s1,
 s2 is the lowering's coefficient step, outside its conv step: timed here, it adds a
 [threads, C] sum to the conv.
@@ -334,6 +336,22 @@ def one_pass_hooked(st, inputs, outputs):
         _merge_sums(outputs, nt)
 
 
+def two_kernels_hooked(st, inputs, outputs):
+    """The direct engine's backward-data (pro_dy, epilogue) and then its backward-weights
+    (pro_x, pro_dy): the gradient formed from dy in both."""
+    nt = numba.get_num_threads()
+    pdy = st.pro_dy.args(_tagged(inputs, "pdy"))
+    epi = _tagged(inputs, "epi") + ((outputs["p1"], outputs["p2"]) if st.epi.sums else ())
+    make_conv_backward_data(st.pro_dy.fn, st.epi.fn)(
+        inputs["dy"], inputs["w"], outputs["dx"], st.shape["sh"], 0, pdy, st.epi.args(epi), nt,
+        st.acc)
+    make_conv_backward_weights(st.pro_x.fn, st.pro_dy.fn)(
+        inputs["x"], inputs["dy"], outputs["dw"], st.shape["sh"], 0,
+        st.pro_x.args(_tagged(inputs, "px")), pdy, nt)
+    if st.epi.sums:
+        _merge_sums(outputs, nt)
+
+
 class _OnePassHooks(ConvBackward1x1):
     """The hooks of conv_bwd_1x1_hooked, in its descriptor after the plain shape (without
     conv_bwd_1x1's own _bn_relu_grad suffix)."""
@@ -380,10 +398,20 @@ class ConvBwd1x1Hooked(_AddsIntoDx, _OnePassHooks):
     by pro_x, dy formed by pro_dy and dx's epilogue epi, adding into dx when it ends _acc.
     Inputs x, dy, w, px0.., pdy0.., epi0.. (and dx0); outputs dx, dw (and s1, s2 with their
     per-task partials p1, p2, as conv_fwd_hooked). Cost as the lowering counts it: the plain
-    one pass's, plus the bytes pro_dy and epi read, plus the read of dx when accumulating."""
+    one pass's, plus the bytes pro_dy and epi read, plus the read of dx when accumulating.
+
+    Variants: one_pass (the default, what the lowering runs) and two_kernels (the hooked direct
+    backward-data, then backward-weights, each forming the gradient from dy). Measured with
+    `bnff micro NET --batch 16 --image 224 --threads 1,2 --stage conv_bwd_1x1_hooked`, summed
+    over the shapes of the bnff and bnff+ plans (2-vCPU AMD EPYC znver5), two_kernels over
+    one_pass: ResNet-50 1.15x (1 thread) and 1.30x (2), DenseNet-121 0.94x and 0.97x, so one
+    pass stays the default. Against the plain direct pair (conv_bwd_data + conv_bwd_weights at
+    the same shapes, same run), the one pass costs 0.85x (1 thread) and 0.80x (2) on
+    ResNet-50 but 1.62x and 1.40x on DenseNet-121, whose 1x1s read the block buffer's x in
+    both pro_x and epi (its ablation at ic512ih28oc128, 1 thread: relu_sums alone +16 %)."""
 
     name = "conv_bwd_1x1_hooked"
-    variants = {"one_pass": one_pass_hooked}
+    variants = {"one_pass": one_pass_hooked, "two_kernels": two_kernels_hooked}
     default = "one_pass"
     examples = ("mb2ic16ih7iw7oc8kh1kw1sh1ph0_prox-bn_relu_prody-bn_grad_epi-relu_sums",
                 "mb2ic16ih7iw7oc8kh1kw1sh1ph0_prox-bn_relu_prody-bn_grad_epi-relu_sums_acc")
