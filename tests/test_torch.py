@@ -3,6 +3,7 @@
 and what a run without torch says. Skipped where torch is needed and not installed."""
 import argparse
 import csv
+import re
 
 from functools import partial
 
@@ -50,6 +51,10 @@ def test_bench_pytorch_row_and_kinds(tmp_path, capsys):
                  "--schedules", "baseline,pytorch", "--repeat", "2", "--csv", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "vs pytorch" in printed and "no pytorch row" not in printed
+    note = re.search(r"pytorch's time by kind is from profiled iterations of ([0-9.]+) s "
+                     r"against ([0-9.]+) s timed \(([0-9.]+)x\)", printed)
+    assert note and float(note[1]) > 0 and float(note[2]) > 0
+    assert float(note[3]) == pytest.approx(float(note[1]) / float(note[2]), rel=0.01)
     with open(out, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["schedule"] == "pytorch"]
     it = [r for r in rows if r["stage"] == "iteration"]

@@ -1,7 +1,9 @@
 """The `pytorch` schedule of `bnff bench`: the graph as a PyTorch module (model.py), run in a
 child process (worker.py) so that its allocator and OpenMP threads are its own, driven like an
 Executor: load, run (one iteration, at the parent's Numba thread count), loss, grads, release;
-`kinds` gives the time by kind from torch.profiler, measured after the timed iterations.
+`kinds` gives the time by kind from torch.profiler, measured after the timed iterations,
+and keeps those profiled iterations' wall time (`profiled_s`), which bench prints beside
+the timed median so a disturbed profiling pass is seen.
 The child runs in a session of its own, so a Ctrl-C at the terminal reaches only the parent
 (bnff/cli/main.py), which ends the child by closing its stdin (release) instead of racing it.
 
@@ -106,6 +108,7 @@ class TorchExecutor:
         self.graph, self.batch, self.image = graph, batch, image
         self.allocator = allocator or chosen_allocator()
         self.proc = self.tmp = None
+        self.profiled_s = None
 
     @property
     def loaded(self) -> bool:
@@ -157,9 +160,12 @@ class TorchExecutor:
         return self._result()[1]
 
     def kinds(self, repeat: int) -> dict:
-        """{kind: median seconds} over `repeat` profiled iterations (not the timed ones)."""
-        return self._ask({"op": "profile", "threads": numba.get_num_threads(),
-                          "repeat": repeat})["kinds"]
+        """{kind: median seconds} over `repeat` profiled iterations (not the timed ones); their
+        median wall time is kept in `profiled_s`."""
+        reply = self._ask({"op": "profile", "threads": numba.get_num_threads(),
+                           "repeat": repeat})
+        self.profiled_s = reply["seconds"]
+        return reply["kinds"]
 
     def release(self) -> None:
         if self.proc is not None:

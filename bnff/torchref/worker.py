@@ -5,7 +5,8 @@ JSON line per request on stdin, on stdout:
     {"op": "run", "threads": T}      one training iteration -> {"seconds"}
     {"op": "result", "path": F}      loss and gradients of the last iteration -> F (.npz)
     {"op": "profile", "threads": T, "repeat": R}
-                                     R profiled iterations -> {"kinds": {kind: median s}}
+                                     R profiled iterations -> {"kinds": {kind: median s},
+                                     "seconds": their median wall s}
 
 The first line is the problem: {"graph": graph JSON, "problem": an .npz of `input`,
 `labels` and `param:<name>`, the arrays the parent's schedules got}. Only this
@@ -32,13 +33,17 @@ def set_threads(threads: int) -> None:
 
 
 def profile(model, x, labels, repeat: int) -> dict:
-    per = {k: [] for k in KINDS}
+    """{"kinds": {kind: median s}, "seconds": median wall s of the profiled iterations}."""
+    per, walls = {k: [] for k in KINDS}, []
     for _ in range(repeat):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()  # the step alone: not the profiler's start and stop
             step(model, x, labels)
+            walls.append(time.perf_counter() - t)
         for k, s in by_kind(prof.events()).items():
             per[k].append(s)
-    return {k: statistics.median(v) for k, v in per.items()}
+    return {"kinds": {k: statistics.median(v) for k, v in per.items()},
+            "seconds": statistics.median(walls)}
 
 
 def main() -> None:
@@ -63,7 +68,7 @@ def main() -> None:
             reply = {"path": req["path"]}
         elif req["op"] == "profile":
             set_threads(req["threads"])
-            reply = {"kinds": profile(model, x, labels, req["repeat"])}
+            reply = profile(model, x, labels, req["repeat"])
         else:
             reply = {"error": f"unknown request {req['op']!r}"}
         print(json.dumps(reply), flush=True)
