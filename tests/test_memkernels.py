@@ -117,3 +117,32 @@ def test_pool_backward_on_channel_slices(stage):
            dict(dx=wide_dx[..., 5:5 + dx.shape[3]]))
     np.testing.assert_array_equal(wide_dx[..., 5:5 + dx.shape[3]], dx)
     assert (wide_dx[..., :5] == 7).all() and (wide_dx[..., 5 + dx.shape[3]:] == 7).all()
+
+
+def test_concat_streams_aligned_parts_and_copies_the_rest():
+    """concat with stream=True: the parts whose rows start vector-aligned and hold whole vectors
+    go through non-temporal stores (x86: movnt in the code), the others through plain ones,
+    and a misaligned Y falls back whole; every result exact."""
+    import platform
+
+    from numba.typed import List
+
+    from bnff.engine.vec import W, aligned_empty
+    from bnff.kernels.elementwise.concat import _copy_parts
+    rng = np.random.default_rng(3)
+    widths = (2 * W, W, 3, 2 * W - 3)  # offsets 0, 2W, 3W (aligned), 3W + 3 (not)
+    xs = [rng.standard_normal((37, c), dtype=np.float32) for c in widths]
+    want = np.concatenate(xs, axis=1)
+    y = aligned_empty((37, 5 * W), np.float32)
+    y[...] = np.nan
+    _copy_parts(List(xs), y, 0, True, True)
+    np.testing.assert_array_equal(y, want)
+    buf = aligned_empty((37 * 5 * W + 1,), np.float32)[1:]  # 4 bytes past the alignment
+    y2 = buf.reshape(37, 5 * W)
+    y2[...] = np.nan
+    _copy_parts(List(xs), y2, 0, True, True)
+    np.testing.assert_array_equal(y2, want)
+    if platform.machine() in ("x86_64", "AMD64"):  # an uncached copy: its code can be read
+        fresh = numba.njit(parallel=True)(_copy_parts.py_func)
+        fresh(List(xs), y, 0, True, True)
+        assert any("movnt" in asm for asm in fresh.inspect_asm().values())

@@ -104,7 +104,7 @@ def test_stages_of_densenet_concats_are_what_the_schedules_run():
     cats = [s for s in plans["baseline"].steps if s.kind == "concat" and s.phase == "forward"]
     assert len(cats) == sum(n.op == "concat" for n in g.nodes)
     assert sum(c for st, c in items if st.name == "concat_fwd") == len(cats)
-    assert all(s.stage.stage == "concat_fwd" and s.stage.variant == "rows" for s in cats)
+    assert all(s.stage.stage == "concat_fwd" and s.stage.variant == "stream" for s in cats)
 
 
 def test_standalone_descriptor_reproduces_a_row(tmp_path, capsys):

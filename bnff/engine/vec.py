@@ -17,7 +17,8 @@ cache directory (`numba-w<W>` beside the default one): Numba keys a cached funct
 bytecode, not by the globals (W, NR) it inlines, so one cache would serve code of the wrong
 width.
 
-Addresses are flat element indices into C-contiguous arrays; loads and stores are unaligned.
+Addresses are flat element indices into C-contiguous arrays; loads and stores are unaligned,
+except the non-temporal store (vstore_nt), which needs its vector's alignment.
 """
 from __future__ import annotations
 
@@ -175,6 +176,46 @@ def vstore(typingctx, a, i, v):
         builder.store(args[2], p, align=vt.dtype.bitwidth // 8)
         return context.get_dummy_value()
     return types.void(a, i, v), codegen
+
+
+@intrinsic
+def vstore_nt(typingctx, a, i, v):
+    """a.flat[i:i+W] = v by a non-temporal store (x86 vmovntps: the line is written without
+    being read for ownership first, and not kept in the caches). The address must be aligned
+    to the vector's size (W * itemsize bytes), else the store faults: callers check it.
+    Follow the stores with `store_fence()` before other threads read what they wrote."""
+    vt = _array(a, i)
+    if vt is None or v != vt:
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = builder.bitcast(_addr(context, builder, sig, args[:2]), _ir(vt).as_pointer())
+        st = builder.store(args[2], p, align=W * vt.dtype.bitwidth // 8)
+        st.set_metadata("nontemporal", builder.module.add_metadata(
+            [ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+    return types.void(a, i, v), codegen
+
+
+def aligned_empty(shape, dtype, align=64):
+    """np.empty(shape, dtype) whose data starts on an `align`-byte boundary (numpy gives 16):
+    a C-contiguous array whose rows of a multiple of `align` bytes all start aligned, as
+    vstore_nt needs."""
+    import numpy as np
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    buf = np.empty(n + align, np.uint8)
+    o = -buf.ctypes.data % align
+    return buf[o:o + n].view(dtype).reshape(shape)
+
+
+@intrinsic
+def store_fence(typingctx):
+    """A sequentially consistent fence (x86 mfence): the non-temporal stores before it are
+    visible to every thread after it."""
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen
 
 
 @intrinsic

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bnff.engine.vec import aligned_empty
 from bnff.kernels.stage import Cost
 
 
@@ -155,7 +156,9 @@ class Plan:
 
     def allocate(self) -> dict:
         """Name -> array for every tensor; a transient buffer is reused (best fit) once its
-        last step has run. Allocated once, then reused by every iteration."""
+        last step has run. Allocated once, then reused by every iteration. Every buffer starts
+        64-byte aligned (vec.aligned_empty), so rows of a multiple of 64 bytes are aligned for
+        non-temporal vector stores."""
         arrays, flats, free = {}, {}, []
         starts, ends = {}, {}
         for b, (first, last) in self.lifetimes().items():
@@ -163,7 +166,8 @@ class Plan:
             ends.setdefault(last, []).append(b)
         for name, t in self.tensors.items():
             if t.persistent and self.owns_buffer(t):
-                arrays[name] = np.zeros(t.shape, t.dtype)
+                arrays[name] = aligned_empty(t.shape, t.dtype)
+                arrays[name][...] = 0
         for i in range(len(self.steps)):
             for b in starts.get(i, ()):
                 t = self.tensors[b]
@@ -172,7 +176,7 @@ class Plan:
                     flat = min(fits, key=lambda f: f.nbytes)
                     free = [f for f in free if f is not flat]
                 else:
-                    flat = np.empty(t.nbytes, np.uint8)
+                    flat = aligned_empty(t.nbytes, np.uint8)
                 flats[b] = flat
                 arrays[b] = flat[:t.nbytes].view(t.dtype).reshape(t.shape)
             for b in ends.get(i, ()):

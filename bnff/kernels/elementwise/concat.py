@@ -16,14 +16,22 @@ input from the list for every 32 KiB tile (an atomic reference count, bounced be
 threads), took 242 / 144 ms per iteration over DenseNet-121's concatenations at batch 16,
 224x224 (2-vCPU AMD EPYC znver5) at 1 / 2 threads, rows 69 / 45 ms, PyTorch's cat 53 / 43 ms.
 Writing the producers straight into their slice of Y, as BNFF does, removes the stage
-altogether.
+altogether. The default, stream, is rows with non-temporal stores (vec.vstore_nt: no read for
+ownership of Y's lines, which are not kept in the caches) when Y is at least the last-level
+cache, so its next reader finds it in DRAM either way. Over DenseNet-121's concatenations at
+batch 16, 224x224 (same machine), `bnff micro densenet121 --stage concat_fwd --variant
+rows,stream`: 38.3 -> 37.0 ms at 1 thread, 25.6 -> 24.4 at 2 (the shapes with Y >= LLC 8.6 ->
+7.5 and 6.9 -> 5.8); in the iteration (`bnff bench densenet121 --schedules baseline --repeat
+5`, runs alternated), the concat kind 0.147 / 0.141 s with rows against 0.122 with stream at
+1 thread, 0.079 / 0.089 against 0.091 / 0.080 at 2 (no difference).
 
 Kernels ([M, C_k] and [M, C] float32 views; outputs written):
     copy_into(X, Y, off)                Y[:, off:off+C_k] = X
     copy_out(Y, off, X)                 X = Y[:, off:off+C_k]
     add_out(Y, off, A, X)               X = A + Y[:, off:off+C_k]   (A is X: a gradient summed
                                         at a fork, into X, which may be a channel slice too)
-    concat_numpy(xs, Y)   concat_prange(xs, Y)   concat_rows(xs, Y)   xs: list of [M, C_k]
+    concat_numpy(xs, Y)   concat_prange(xs, Y)   concat_rows(xs, Y)   concat_stream(xs, Y)
+                                        xs: list of [M, C_k]
     split_numpy(dY, dxs)  split_prange(dY, dxs)  split_rows(dY, dxs)    dxs: list of [M, C_k]
 """
 from __future__ import annotations
@@ -34,12 +42,14 @@ import numpy as np
 from numba import njit, prange
 from numba.typed import List
 
-from bnff.engine.vec import W, row_span, vadd, vload, vstore
+from bnff.engine.vec import W, aligned_empty, row_span, store_fence, vadd, vload, vstore, vstore_nt
 from bnff.kernels import reference as ref
 from bnff.kernels.rows import BLOCKS, block_rows
 from bnff.kernels.stage import F32, Cost, DescriptorError, Stage
+from bnff.measure.machine import llc_bytes
 
 CHUNK = 65536  # floats per row block of the copies and add_out (256 KiB: in L2)
+STREAM_BYTES = llc_bytes()  # a concatenation this large streams its stores past the caches
 
 
 @njit(inline="always")
@@ -63,17 +73,30 @@ def _copy_rows(src, si, ss, dst, di, ds, r0, r1, ck):
             dst.flat[b + j] = src.flat[a + j]
 
 
+@njit(inline="always")
+def _stream_rows(src, si, ss, dst, di, ds, r0, r1, ck):
+    """As _copy_rows by non-temporal vector stores (vstore_nt): every dst row start aligned to
+    a vector, ck a multiple of W."""
+    for r in range(r0, r1):
+        a, b = si + r * ss, di + r * ds
+        for j in range(0, ck, W):
+            vstore_nt(dst, b + j, vload(src, a + j))
+
+
 @njit(parallel=True, cache=True)
-def _copy_parts(parts, Y, off, into):
+def _copy_parts(parts, Y, off, into, stream=False):
     """Part k of the list owns Y's channels [o_k, o_k + C_k), o_0 = off: into, Y's channels =
     the parts (concat); else the parts = Y's channels (split). Per block of rows of Y (CHUNK
     floats of the parts), each part's rows by W-lane vectors, the part fetched from the list
-    once per block."""
+    once per block. stream (into only): the parts whose rows of Y start vector-aligned and
+    hold whole vectors are stored non-temporally, then fenced."""
     m = Y.shape[0]
     y, ys = row_span(Y)
     width = 0
     for k in range(len(parts)):
         width += parts[k].shape[1]
+    vb = W * 4
+    stream = stream and into and ys * 4 % vb == 0
     nblk = max(BLOCKS, (m * width + CHUNK - 1) // CHUNK)
     for blk in prange(nblk):
         r0, r1 = block_rows(blk, nblk, m)
@@ -81,11 +104,15 @@ def _copy_parts(parts, Y, off, into):
         for k in range(len(parts)):
             x, xs = row_span(parts[k])
             ck = parts[k].shape[1]
-            if into:
-                _copy_rows(x, 0, xs, y, o, ys, r0, r1, ck)
-            else:
+            if not into:
                 _copy_rows(y, o, ys, x, 0, xs, r0, r1, ck)
+            elif stream and ck % W == 0 and (Y.ctypes.data + o * 4) % vb == 0:
+                _stream_rows(x, 0, xs, y, o, ys, r0, r1, ck)
+            else:
+                _copy_rows(x, 0, xs, y, o, ys, r0, r1, ck)
             o += ck
+        if stream:
+            store_fence()
 
 
 def copy_into(X, Y, off):
@@ -146,6 +173,13 @@ def concat_prange(xs, Y):
 def concat_rows(xs, Y):
     """Per row block of Y, each input's rows copied into its channels by W-lane vectors."""
     _copy_parts(List(xs), Y, 0, True)
+
+
+# 4. stream: rows, with the stores non-temporal when Y is larger than the last-level cache
+#    (Y's rows vector-aligned: the plan's buffers start 64-byte aligned).
+def concat_stream(xs, Y):
+    """concat_rows, storing past the caches when Y.nbytes >= STREAM_BYTES (the LLC)."""
+    _copy_parts(List(xs), Y, 0, True, Y.nbytes >= STREAM_BYTES)
 
 
 # 1. numpy: slice copies out of the gradient, one thread.
@@ -223,15 +257,16 @@ class ConcatForward(_Concat):
     """Inputs x0 .. x{k-1} [mb, ih, iw, ics[k]]; output y [mb, ih, iw, sum(ics)]."""
 
     name = "concat_fwd"
-    variants = {"numpy": concat_numpy, "prange": concat_prange, "rows": concat_rows}
-    default = "rows"
+    variants = {"numpy": concat_numpy, "prange": concat_prange, "rows": concat_rows,
+                "stream": concat_stream}
+    default = "stream"
 
     def make_inputs(self, rng):
         return {f"x{k}": rng.standard_normal(self._nhwc(c), dtype=np.float32)
                 for k, c in enumerate(self.shape["ics"])}
 
-    def allocate_outputs(self):
-        return {"y": np.empty(self._nhwc(sum(self.shape["ics"])), np.float32)}
+    def allocate_outputs(self):  # aligned as the plan's buffers (Plan.allocate)
+        return {"y": aligned_empty(self._nhwc(sum(self.shape["ics"])), np.float32)}
 
     def run(self, variant, inputs, outputs):
         m = self._m()
