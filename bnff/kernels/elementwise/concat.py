@@ -42,14 +42,13 @@ import numpy as np
 from numba import njit, prange
 from numba.typed import List
 
-from bnff.engine.vec import W, aligned_empty, row_span, store_fence, vadd, vload, vstore, vstore_nt
+from bnff.engine.vec import (W, aligned_empty, row_span, store_fence, vadd, vload, vstore,
+                             vstore_nt, worth_streaming)
 from bnff.kernels import reference as ref
 from bnff.kernels.rows import BLOCKS, block_rows
 from bnff.kernels.stage import F32, Cost, DescriptorError, Stage
-from bnff.measure.machine import llc_bytes
 
 CHUNK = 65536  # floats per row block of the copies and add_out (256 KiB: in L2)
-STREAM_BYTES = llc_bytes()  # a concatenation this large streams its stores past the caches
 
 
 @njit(inline="always")
@@ -178,8 +177,8 @@ def concat_rows(xs, Y):
 # 4. stream: rows, with the stores non-temporal when Y is larger than the last-level cache
 #    (Y's rows vector-aligned: the plan's buffers start 64-byte aligned).
 def concat_stream(xs, Y):
-    """concat_rows, storing past the caches when Y.nbytes >= STREAM_BYTES (the LLC)."""
-    _copy_parts(List(xs), Y, 0, True, Y.nbytes >= STREAM_BYTES)
+    """concat_rows, storing past the caches when Y is at least the LLC (vec.worth_streaming)."""
+    _copy_parts(List(xs), Y, 0, True, worth_streaming(Y.nbytes))
 
 
 # 1. numpy: slice copies out of the gradient, one thread.
