@@ -146,4 +146,3 @@ def test_concat_streams_aligned_parts_and_copies_the_rest():
         fresh = numba.njit(parallel=True)(_copy_parts.py_func)
         fresh(List(xs), y, 0, True, True)
         assert any("movnt" in asm for asm in fresh.inspect_asm().values())
-
