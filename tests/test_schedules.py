@@ -57,3 +57,28 @@ def test_caffe_moves_more_bytes_than_baseline():
     bn = {s: sum(st.cost.bytes for st in p.steps if st.kind == "bn") for s, p in plans.items()}
     assert bn["caffe"] > bn["baseline"]
     assert plans["caffe"].peak_bytes() > plans["baseline"].peak_bytes()
+
+
+def test_a_gradient_several_concats_feed_is_contiguous_after_its_view():
+    """DenseNet's stem pool feeds every concatenation of block 1: its gradient starts as a
+    view of the last one's, and the next part adds the view and itself into a contiguous
+    d:pool0 (as autograd does), which the pool backward then reads; a feature one concat alone
+    reads keeps its gradient as the view."""
+    from bnff.lowering.plan import Ref
+    g = MINI["densenet-mini"]()
+    plan = Executor(g, SCHEDULES["baseline"], 2, 32).plan
+    consumers = g.consumers()
+    many = [n for n, cs in consumers.items() if n in plan.tensors and len(cs) > 1
+            and all(c.op in ("concat", "batchnorm") for c in cs)
+            and g.by_name[n].op in ("conv2d", "maxpool2d", "avgpool2d")]
+    assert "pool0" in many
+    for x in many:
+        assert plan.tensors[f"d:{x}"].slice_of is None, x
+        views = [t for t in plan.tensors if t.startswith(f"d:{x}@") and plan.tensors[t].slice_of]
+        assert len(views) == 1, x
+        readers = [s for s in plan.steps
+                   if any(isinstance(a, Ref) and a.name == views[0] for a in s.args)]
+        assert len(readers) == 1 and readers[0].kind == "concat", (x, readers)
+    one = [n for n, cs in consumers.items() if len(cs) == 1 and cs[0].op == "concat"
+           and g.by_name[n].op == "conv2d" and n in plan.tensors]
+    assert one and all(plan.tensors[f"d:{x}"].slice_of is not None for x in one)

@@ -214,11 +214,16 @@ def concat_copy_call(x, y, xs, ys, off):
     return fn, (x, y), cost, sc
 
 
-def concat_split_call(dy, dx, ys, xs, off, accumulate):
-    """dx = dy[..., off:off+C_k], or dx += it when accumulating (dx may be a channel slice)."""
+def concat_split_call(dy, dx, ys, xs, off, accumulate, start=None):
+    """dx = dy[..., off:off+C_k], or dx += it when accumulating, or dx = start + it when
+    accumulating from `start`, a gradient begun elsewhere (dx and start may be channel
+    slices)."""
     ck, m = xs[3], int(np.prod(xs[:3]))
     stage = concat.ConcatAddOut if accumulate else concat.ConcatCopyOut
     split, cost, sc = stage_kernel(stage, dict(dims(xs), oc=ys[3], off=off))
+    if start is not None:
+        fn = lambda g, a, d: split(view(g, (m, ys[3])), off, view(a, (m, ck)), view(d, (m, ck)))
+        return fn, (dy, start, dx), cost, sc
     if accumulate:
         fn = lambda g, d: split(view(g, (m, ys[3])), off, view(d, (m, ck)), view(d, (m, ck)))
     else:
