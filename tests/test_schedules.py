@@ -82,3 +82,19 @@ def test_a_gradient_several_concats_feed_is_contiguous_after_its_view():
     one = [n for n, cs in consumers.items() if len(cs) == 1 and cs[0].op == "concat"
            and g.by_name[n].op == "conv2d" and n in plan.tensors]
     assert one and all(plan.tensors[f"d:{x}"].slice_of is not None for x in one)
+
+
+@pytest.mark.parametrize("schedule", ["baseline", "bnff"])
+def test_an_identity_shortcut_takes_the_add_gradient_without_a_copy(schedule):
+    """resnet-mini's identity block: the shortcut's gradient is the add's buffer (dA's under
+    bnff), as autograd passes an add's gradient on, with no copy step; the block's conv1 adds
+    its part into it after the residual branch has read it (the values: the reference test
+    above)."""
+    g = MINI["resnet-mini"]()
+    plan = Executor(g, SCHEDULES[schedule], 2, 32).plan
+    consumers = g.consumers()
+    shared = [i for n in g.nodes if n.op == "add" for i in n.inputs if len(consumers[i]) > 1]
+    assert shared
+    for i in shared:
+        assert plan.tensors[f"d:{i}"].inplace_of is not None, i
+        assert not any(s.name.endswith(f"bwd {i}") for s in plan.steps), i

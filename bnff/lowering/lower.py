@@ -204,6 +204,29 @@ class Lowering:
                 and self.g.by_name[x].op in ("conv2d", "maxpool2d", "avgpool2d")
                 and all(c.op in ("concat", "batchnorm") for c in self.consumers[x]))
 
+    def reaches(self, src, dst) -> bool:
+        """Whether node dst depends on node src (a path src -> .. -> dst in the graph)."""
+        todo, seen = [src], {src}
+        while todo:
+            v = todo.pop()
+            if v == dst:
+                return True
+            for c in self.consumers.get(v, ()):
+                if c.name not in seen:
+                    seen.add(c.name)
+                    todo.append(c.name)
+        return False
+
+    def shares_grad(self, n, i) -> bool:
+        """Whether input i of add n can take d:n's buffer as its gradient although other nodes
+        read i too, as autograd hands an add's gradient to both inputs without a copy: every
+        other consumer of i lies upstream of n's other inputs, so their backward, which reads
+        d:n (or its alias), runs before those consumers add their parts into the buffer
+        (ResNet-50's identity shortcuts: the block's conv1 is upstream of its bn3)."""
+        others = [a for a in n.inputs if a != i]
+        return i not in self.seen and all(self.reaches(c.name, a) for c in self.consumers[i]
+                                          if c is not n for a in others)
+
     def alias_grad(self, n, target):
         """d:target shares d:n's buffer (a gradient passed through unchanged or in place)."""
         self.seen.add(target)
@@ -258,7 +281,7 @@ class Lowering:
                 off += self.shapes[i][3]
         elif n.op == "add":
             for i in n.inputs:
-                if len(self.consumers[i]) == 1 and i not in self.seen:
+                if (len(self.consumers[i]) == 1 and i not in self.seen) or self.shares_grad(n, i):
                     self.alias_grad(n, i)
                 else:
                     self.contribute(n, f"bwd {i}", "other", i,

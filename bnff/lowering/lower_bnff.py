@@ -327,7 +327,8 @@ class SplitLowering(Lowering):
 
     def end_backward(self, relu, add):
         """dA = dz * [z > 0] once, with the sums of the BN(s) feeding the add; the shortcut
-        (if not a BN) receives dA."""
+        (if not a BN) receives dA: as its own buffer where shares_grad allows, else copied or
+        added."""
         shape = self.shapes[relu.name]
         bns = self.ends[add.name]
         da = self.dy_of(bns[0])
@@ -343,6 +344,10 @@ class SplitLowering(Lowering):
                       fo.dy_sums_call(R(da), R(s1.x), *sums(s1), shape))
         else:
             other = next(i for i in add.inputs if i != s0.bn.name)
+            if self.shares_grad(add, other):  # dA itself, no copy (Lowering.shares_grad)
+                self.seen.add(other)
+                self.plan.tensor(f"d:{other}", self.shapes[other], inplace_of=da)
+                return
             self.contribute(add, f"bwd {other}", "other", other,
                             lambda d, acc: ops.add_call(d, R(da), d, shape) if acc
                             else ops.copy_call(R(da), d, shape), native=True)
