@@ -37,13 +37,14 @@ SITES = {
               dict(caffe=(8, 11), baseline=(5, 8), fission=(3, 6), **{"bnff-fwd": (0, 6)},
                    bnff=(0, 0), **{"bnff+": (0, 0)})),
     # ResNet block end, identity shortcut: BN -> add -> ReLU, written once when split.
-    # baseline fwd: stats 1 + normalize 2 + add 3 + ReLU in place 2; bwd: ReLU 3, the
-    # shortcut's copy of the gradient 2, BN 5. Split: normalize+add+ReLU 3; backward the
-    # mask with the sums reads dz, z and x and writes dy (4), the copy 2, dx 3 unless fused.
+    # baseline fwd: stats 1 + normalize 2 + add 3 + ReLU in place 2; bwd: ReLU 3, BN 5 (the
+    # shortcut takes the add's gradient buffer, no copy: Lowering.shares_grad). Split:
+    # normalize+add+ReLU 3; backward the mask with the sums reads dz, z and x and writes dy
+    # (4, the shortcut's gradient too), dx 3 unless fused.
     "block end": ("resnet50", ("layer1.1.bn3", "layer1.1.add", "layer1.1.relu3"),
                   16 * 56 * 56 * 256 * 4,
-                  dict(caffe=(11, 13), baseline=(8, 10), fission=(4, 9),
-                       **{"bnff-fwd": (3, 9)}, bnff=(3, 6), **{"bnff+": (3, 6)})),
+                  dict(caffe=(11, 11), baseline=(8, 8), fission=(4, 7),
+                       **{"bnff-fwd": (3, 7)}, bnff=(3, 4), **{"bnff+": (3, 4)})),
     # DenseNet: BN of a concat (statistics in their own pass), normalize into the conv; in
     # bnff+ the statistics come from the block's vectors and dx is added into the slice of
     # the block's gradient (reading it: 4)
@@ -81,7 +82,8 @@ TOTAL_BYTES = {
     # slice of its own, so its copies out (read + write of the block's output, 2 x 93126656
     # bytes over the four blocks) are gone from every schedule but bnff+ (block buffers)
     "densenet121": [26588480964, 20571341380, 16516987972, 14292835396, 11418963268, 8447041604],
-    "resnet50": [20261805508, 15993504452, 12990432964, 11859403972, 9531326660, 8812003524],
+    # the identity shortcuts take the add's gradient without a copy (2 x 256901120 bytes)
+    "resnet50": [19748003268, 15479702212, 12476630724, 11345601732, 9017524420, 8298201284],
 }
 
 
