@@ -22,7 +22,6 @@ except the non-temporal store (vstore_nt), which needs its vector's alignment.
 """
 from __future__ import annotations
 
-import functools
 import os
 import platform
 
@@ -196,18 +195,6 @@ def vstore_nt(typingctx, a, i, v):
             [ir.Constant(ir.IntType(32), 1)]))
         return context.get_dummy_value()
     return types.void(a, i, v), codegen
-
-
-@functools.lru_cache(maxsize=None)
-def _llc():
-    from bnff.measure.machine import llc_bytes  # machine imports this module: not at load
-    return llc_bytes()
-
-
-def worth_streaming(nbytes: int) -> bool:
-    """Whether an output of nbytes is stored non-temporally (vstore_nt): at least the size of
-    the last-level cache, so its next reader finds it in DRAM whatever the stores do."""
-    return nbytes >= _llc()
 
 
 def aligned_empty(shape, dtype, align=64):

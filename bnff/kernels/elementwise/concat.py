@@ -43,12 +43,15 @@ from numba import njit, prange
 from numba.typed import List
 
 from bnff.engine.vec import (W, aligned_empty, row_span, store_fence, vadd, vload, vstore,
-                             vstore_nt, worth_streaming)
+                             vstore_nt)
 from bnff.kernels import reference as ref
 from bnff.kernels.rows import BLOCKS, block_rows
 from bnff.kernels.stage import F32, Cost, DescriptorError, Stage
+from bnff.measure.machine import llc_bytes
 
 CHUNK = 65536  # floats per row block of the copies and add_out (256 KiB: in L2)
+# a concatenation at least the LLC streams its stores: its next reader finds it in DRAM anyway
+STREAM_BYTES = llc_bytes()
 
 
 @njit(inline="always")
@@ -177,8 +180,8 @@ def concat_rows(xs, Y):
 # 4. stream: rows, with the stores non-temporal when Y is larger than the last-level cache
 #    (Y's rows vector-aligned: the plan's buffers start 64-byte aligned).
 def concat_stream(xs, Y):
-    """concat_rows, storing past the caches when Y is at least the LLC (vec.worth_streaming)."""
-    _copy_parts(List(xs), Y, 0, True, worth_streaming(Y.nbytes))
+    """concat_rows, storing past the caches when Y is at least the LLC (STREAM_BYTES)."""
+    _copy_parts(List(xs), Y, 0, True, Y.nbytes >= STREAM_BYTES)
 
 
 # 1. numpy: slice copies out of the gradient, one thread.
