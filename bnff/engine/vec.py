@@ -27,6 +27,7 @@ import platform
 
 import llvmlite.binding as llvm
 import numba
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -201,7 +202,6 @@ def aligned_empty(shape, dtype, align=64):
     """np.empty(shape, dtype) whose data starts on an `align`-byte boundary (numpy gives 16):
     a C-contiguous array whose rows of a multiple of `align` bytes all start aligned, as
     vstore_nt needs."""
-    import numpy as np
     n = int(np.prod(shape)) * np.dtype(dtype).itemsize
     buf = np.empty(n + align, np.uint8)
     o = -buf.ctypes.data % align

@@ -164,35 +164,28 @@ class Lowering:
         concat's view (self.views) writes a contiguous d:target = view + part: by
         `make(dst, True, start=view)` where make takes a start, else through a temporary; a
         native make without one adds into the view, which then is d:target."""
-        d = f"d:{target}"
+        d, shape = f"d:{target}", self.shapes[target]
         view, sl = self.views.pop(target, (None, None))
-        if view is not None and native and "start" in inspect.signature(make).parameters:
-            self.plan.tensor(d, self.shapes[target])
-            self.step(n, what, kind, "backward", make(W(d), True, start=R(view)))
-            return
-        if view is not None and not native:
-            shape = self.shapes[target]
-            self.plan.tensor(d, shape)
-            tmp = self.plan.tensor(f"{d}@{n.name}", shape)
-            self.step(n, what, kind, "backward", make(W(tmp), False))
-            self.step(n, f"accumulate d:{target}", kind, "backward",
-                      ops.concat_split_call(R(tmp), W(d), shape, shape, 0, True, R(view)))
-            return
-        if view is not None:  # a part that adds only in place: into the view itself
-            self.plan.tensor(d, self.shapes[target], slice_of=sl)
+        starts = view is not None and (not native or "start" in inspect.signature(make).parameters)
+        if view is not None:  # contiguous when the part starts from the view, else the view
+            self.plan.tensor(d, shape, slice_of=None if starts else sl)
         if target not in self.seen:
             self.seen.add(target)
-            self.plan.tensor(d, self.shapes[target])
+            self.plan.tensor(d, shape)
             self.step(n, what, kind, "backward", make(W(d), False))
         elif native:
-            self.step(n, what, kind, "backward", make(RW(d), True))
+            self.step(n, what, kind, "backward",
+                      make(W(d), True, start=R(view)) if starts else make(RW(d), True))
         else:
-            shape = self.shapes[target]
             tmp = self.plan.tensor(f"{d}@{n.name}", shape)
             self.step(n, what, kind, "backward", make(W(tmp), False))
-            self.step(n, f"accumulate d:{target}", kind, "backward",
-                      ops.concat_split_call(R(tmp), RW(d), shape, shape, 0, True)
-                      if self.plan.strided(d) else ops.add_call(R(d), R(tmp), RW(d), shape))
+            if starts:
+                add = ops.concat_split_call(R(tmp), W(d), shape, shape, 0, True, R(view))
+            elif self.plan.strided(d):
+                add = ops.concat_split_call(R(tmp), RW(d), shape, shape, 0, True)
+            else:
+                add = ops.add_call(R(d), R(tmp), RW(d), shape)
+            self.step(n, f"accumulate d:{target}", kind, "backward", add)
 
     def grad_as_slice(self, x):
         """Whether a concat's first gradient contribution to x can be a channel slice of the
@@ -227,10 +220,11 @@ class Lowering:
         return i not in self.seen and all(self.reaches(c.name, a) for c in self.consumers[i]
                                           if c is not n for a in others)
 
-    def alias_grad(self, n, target):
-        """d:target shares d:n's buffer (a gradient passed through unchanged or in place)."""
+    def alias_grad(self, n, target, of=None):
+        """d:target shares d:n's buffer, or that of the gradient `of` (a gradient passed
+        through unchanged or in place)."""
         self.seen.add(target)
-        self.plan.tensor(f"d:{target}", self.shapes[target], inplace_of=f"d:{n.name}")
+        self.plan.tensor(f"d:{target}", self.shapes[target], inplace_of=of or f"d:{n.name}")
 
     def backward(self, n):
         x = n.inputs[0]

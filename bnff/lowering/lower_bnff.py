@@ -345,9 +345,7 @@ class SplitLowering(Lowering):
         else:
             other = next(i for i in add.inputs if i != s0.bn.name)
             if self.shares_grad(add, other):  # dA itself, no copy (Lowering.shares_grad)
-                self.seen.add(other)
-                self.plan.tensor(f"d:{other}", self.shapes[other], inplace_of=da)
-                return
+                return self.alias_grad(add, other, of=da)
             self.contribute(add, f"bwd {other}", "other", other,
                             lambda d, acc: ops.add_call(d, R(da), d, shape) if acc
                             else ops.copy_call(R(da), d, shape), native=True)

@@ -71,9 +71,17 @@ def _add_sums(out, c):
     return out
 
 
-def _merge_sums(outputs, nt):
-    outputs["s1"][:] = outputs["p1"][:nt].sum(0)
-    outputs["s2"][:] = outputs["p2"][:nt].sum(0)
+def _epi_args(epi, inputs, outputs):
+    """The epilogue's args as the kernel takes them: its inputs epi0.., then, when it sums, the
+    per-task partials p1, p2 (Hook.args zeroes them)."""
+    return epi.args(_tagged(inputs, "epi") + ((outputs["p1"], outputs["p2"]) if epi.sums else ()))
+
+
+def _merge_sums(epi, outputs, nt):
+    """s1, s2 = the first nt tasks' partials summed, when the epilogue sums."""
+    if epi.sums:
+        outputs["s1"][:] = outputs["p1"][:nt].sum(0)
+        outputs["s2"][:] = outputs["p2"][:nt].sum(0)
 
 
 def _prologues_ref(st, inputs):
@@ -186,13 +194,8 @@ class _Hooked:
         return _add_sums(out, out[self.dst].shape[3]) if self.epi.sums else out
 
     def hook_args(self, inputs, outputs):
-        """(prologue args, epilogue args) as the kernel takes them (Hook.args zeroes p1, p2)."""
-        epi = _tagged(inputs, "epi") + ((outputs["p1"], outputs["p2"]) if self.epi.sums else ())
-        return self.pro.args(_tagged(inputs, "pro")), self.epi.args(epi)
-
-    def merge_sums(self, outputs, nt):
-        if self.epi.sums:
-            _merge_sums(outputs, nt)
+        """(prologue args, epilogue args) as the kernel takes them."""
+        return self.pro.args(_tagged(inputs, "pro")), _epi_args(self.epi, inputs, outputs)
 
     def hooked_reference(self, inputs, conv, start=0.0):
         """The float64 prologue, conv (NCHW in, NCHW out) added to `start`, and epilogue."""
@@ -214,7 +217,7 @@ def fwd_direct(st, inputs, outputs):
     make_conv_forward(st.pro.fn, st.epi.fn)(inputs["x"], inputs["w"], outputs["y"],
                                            st.shape["sh"], st.shape["ph"],
                                            *st.hook_args(inputs, outputs), nt)
-    st.merge_sums(outputs, nt)
+    _merge_sums(st.epi, outputs, nt)
 
 
 def bwd_data_direct(st, inputs, outputs):
@@ -224,7 +227,7 @@ def bwd_data_direct(st, inputs, outputs):
     make_conv_backward_data(st.pro.fn, st.epi.fn)(inputs["dy"], inputs["w"], outputs["dx"],
                                                  st.shape["sh"], st.shape["ph"],
                                                  *st.hook_args(inputs, outputs), nt, st.acc)
-    st.merge_sums(outputs, nt)
+    _merge_sums(st.epi, outputs, nt)
 
 
 class ConvFwdHooked(_Hooked, ConvForward):
@@ -327,13 +330,11 @@ def one_pass_hooked(st, inputs, outputs):
     """The one-pass 1x1 backward with the stage's three hooks compiled in, adding into dx when
     the stage accumulates."""
     nt = numba.get_num_threads()
-    epi = _tagged(inputs, "epi") + ((outputs["p1"], outputs["p2"]) if st.epi.sums else ())
     make_conv_backward_1x1(st.pro_dy.fn, st.pro_x.fn, st.epi.fn)(
         inputs["x"], inputs["dy"], inputs["w"], outputs["dx"], outputs["dw"], st.shape["sh"],
         st.pro_dy.args(_tagged(inputs, "pdy")), st.pro_x.args(_tagged(inputs, "px")),
-        st.epi.args(epi), nt, st.acc)
-    if st.epi.sums:
-        _merge_sums(outputs, nt)
+        _epi_args(st.epi, inputs, outputs), nt, st.acc)
+    _merge_sums(st.epi, outputs, nt)
 
 
 def two_kernels_hooked(st, inputs, outputs):
@@ -341,15 +342,13 @@ def two_kernels_hooked(st, inputs, outputs):
     (pro_x, pro_dy): the gradient formed from dy in both."""
     nt = numba.get_num_threads()
     pdy = st.pro_dy.args(_tagged(inputs, "pdy"))
-    epi = _tagged(inputs, "epi") + ((outputs["p1"], outputs["p2"]) if st.epi.sums else ())
     make_conv_backward_data(st.pro_dy.fn, st.epi.fn)(
-        inputs["dy"], inputs["w"], outputs["dx"], st.shape["sh"], 0, pdy, st.epi.args(epi), nt,
-        st.acc)
+        inputs["dy"], inputs["w"], outputs["dx"], st.shape["sh"], 0, pdy,
+        _epi_args(st.epi, inputs, outputs), nt, st.acc)
     make_conv_backward_weights(st.pro_x.fn, st.pro_dy.fn)(
         inputs["x"], inputs["dy"], outputs["dw"], st.shape["sh"], 0,
         st.pro_x.args(_tagged(inputs, "px")), pdy, nt)
-    if st.epi.sums:
-        _merge_sums(outputs, nt)
+    _merge_sums(st.epi, outputs, nt)
 
 
 class _OnePassHooks(ConvBackward1x1):
